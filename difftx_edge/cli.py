@@ -1,0 +1,121 @@
+"""The ``difftx-edge`` command line: one entry point, one verb per stage.
+
+Flags are generated from the config dataclasses, so each flag has its field's
+name (``--d-model`` is ``ModelConfig.d_model``) and the same validation. Bad
+input is reported once, here, as one line and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import MISSING, fields
+
+from difftx_edge import __version__
+from difftx_edge.model import ModelConfig
+from difftx_edge.tasks import TASKS, TaskConfig
+from difftx_edge.train import MODEL_CHOICES, TrainConfig
+
+EXIT_USAGE = 2
+TASK_FLAGS = [f.name for f in fields(TaskConfig) if f.name not in ("name", "seed")]
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_fields(parser: argparse.ArgumentParser, cls, names=None, *, keep_defaults: bool, rename=None) -> None:
+    """One flag per dataclass field; ``keep_defaults=False`` leaves unset flags out of the config."""
+    rename = rename or {}
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        type_name = str(f.type).replace(" | None", "")
+        default = f.default if keep_defaults and f.default is not MISSING else None
+        kwargs = {"dest": f.name, "default": default}
+        if type_name == "bool":
+            parser.add_argument(_flag(rename.get(f.name, f.name)), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        help_text = f"default: {f.default}" if f.default is not MISSING else None
+        parser.add_argument(_flag(rename.get(f.name, f.name)), type=_TYPES[type_name], help=help_text, **kwargs)
+
+
+def pick(args: argparse.Namespace, cls, names=None, *, drop_none: bool) -> dict:
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if names is None or f.name in names}
+    return {k: v for k, v in values.items() if not (drop_none and v is None)}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="difftx-edge", description="Train compact Transformers for edge devices.")
+    parser.add_argument("--version", action="version", version=f"difftx-edge {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    train = verbs.add_parser("train", help="train a model on a task and write a run directory")
+    task = train.add_argument_group("task")
+    task.add_argument("--task", dest="name", choices=sorted(TASKS), default="digits")
+    # --seed (TrainConfig) seeds the task's split and generation too.
+    add_fields(task, TaskConfig, TASK_FLAGS, keep_defaults=False)
+    add_fields(train.add_argument_group("model"), ModelConfig, MODEL_CHOICES, keep_defaults=False)
+    add_fields(train.add_argument_group("training"), TrainConfig, keep_defaults=True)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    train.add_argument("--force", action="store_true", help="start over in an --out that already holds a run")
+    train.set_defaults(handler=_train)
+
+    evaluate = verbs.add_parser("evaluate", help="measure a run's best checkpoint on one split")
+    evaluate.add_argument("--run", required=True, help="run directory written by train")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument("--threads", type=int, default=None)
+    evaluate.set_defaults(handler=_evaluate)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from difftx_edge.train import train
+
+    task_cfg = TaskConfig(name=args.name, seed=args.seed, **pick(args, TaskConfig, TASK_FLAGS, drop_none=True))
+    train_cfg = TrainConfig(**pick(args, TrainConfig, drop_none=False))
+    result = train(train_cfg, task_cfg, pick(args, ModelConfig, MODEL_CHOICES, drop_none=True),
+                   resume=args.resume, force=args.force)
+    print(json.dumps({"run": train_cfg.out, "test": result}))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from difftx_edge.io import load_run
+    from difftx_edge.tasks import load_task
+    from difftx_edge.train import evaluate, set_threads
+
+    set_threads(args.threads, 1)
+    model, config = load_run(args.run)
+    task = load_task(TaskConfig(**config["task"]))
+    split = getattr(task, args.split)
+    print(json.dumps({"run": args.run, "split": args.split, **evaluate(model, split.inputs, split.targets)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (ValueError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"difftx-edge {args.verb}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"difftx-edge {args.verb}: interrupted; finished epochs are saved", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""End-to-end training: AdamW, warm-up plus cosine, clipping, per-epoch evaluation, best checkpoint.
+
+A run directory holds:
+
+- ``model.safetensors``: the best weights so far (by validation metric);
+- ``config.json``: model, task and training config, label names, vocabulary;
+- ``metrics.jsonl``: one JSON line per epoch, then one for the test split;
+- ``state.pt``: the resumable state after the last finished epoch (current
+  weights, optimizer, schedule, RNG), loaded with ``weights_only=True``.
+
+Every file is written to a temporary name and renamed, so a killed run never
+leaves a half-written checkpoint and loses at most the epoch in progress.
+The same code runs under ``torchrun`` with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from difftx_edge.io import atomic_write_bytes, atomic_write_json, load_run, save_weights, state_dict_cpu
+from difftx_edge.model import DiffTransformer, ModelConfig
+from difftx_edge.tasks import TaskConfig, TaskData, load_task
+
+log = logging.getLogger("difftx_edge.train")
+
+# Model fields the user chooses; the others (input kind, outputs, max_len, head) follow from the task.
+MODEL_CHOICES = ("d_model", "n_heads", "n_layers", "d_ff", "attention", "causal", "window", "n_global",
+                 "rank", "chunk", "eps", "position", "dropout")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field is also a ``difftx-edge train`` flag."""
+
+    out: str = "runs/digits"
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # fraction of all steps spent warming the learning rate up
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    threads: int | None = None  # None: the machine's cores divided among the processes
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ValueError("weight_decay must be >= 0 and grad_clip > 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}: use auto, cpu or cuda")
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job (world 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def build_model_config(task: TaskData, choices: dict) -> ModelConfig:
+    """The model for a task: input kind, outputs and length from the task, the rest from ``choices``."""
+    unknown = set(choices) - set(MODEL_CHOICES)
+    if unknown:
+        raise ValueError(f"unknown model option(s) {', '.join(sorted(unknown))}: use {', '.join(MODEL_CHOICES)}")
+    lm = task.objective == "lm"
+    if lm and choices.get("causal") is False:
+        raise ValueError(f"task {task.name} is a language model and needs causal attention: drop --no-causal")
+    return ModelConfig(vocab_size=task.vocab_size, input_dim=task.input_dim, n_outputs=task.n_outputs,
+                       max_len=task.seq_len, head="lm" if lm else "classify",
+                       **{**choices, "causal": lm or choices.get("causal", False)})
+
+
+def set_threads(threads: int | None, world: int) -> int:
+    """Pin torch's thread count: oversubscribed threads slow small models by an order of magnitude."""
+    n = threads or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(n)
+    return n
+
+
+def loss_and_metric(logits: torch.Tensor, targets: torch.Tensor,
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and the number of correct predictions (per example, or per token for lm)."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
+                           label_smoothing=label_smoothing)
+    correct = (logits.argmax(-1) == targets).sum()
+    return loss, correct
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 256,
+             device: torch.device | str = "cpu") -> dict:
+    """Loss and task metric on one split.
+
+    Returns:
+        ``{"loss", "accuracy"}`` where accuracy is per example (classify) or
+        per token (lm), plus ``"bits_per_byte"`` for a language model.
+    """
+    model.eval()
+    total_loss, total_correct, count = 0.0, 0, 0
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
+        loss, correct = loss_and_metric(model(x), y)
+        total_loss += loss.item()
+        total_correct += correct.item()
+        count += y.numel()
+    result = {"loss": total_loss / count, "accuracy": total_correct / count}
+    if targets.dim() == 2:
+        result["bits_per_byte"] = result["loss"] / math.log(2)
+    return result
+
+
+def primary(metrics: dict, metric: str) -> float:
+    """The number a run is judged by, higher is better."""
+    return -metrics["bits_per_byte"] if metric == "bits_per_byte" else metrics["accuracy"]
+
+
+def schedule(step: int, total: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class RunFiles:
+    root: Path
+    model: Path = field(init=False)
+    config: Path = field(init=False)
+    metrics: Path = field(init=False)
+    state: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model, self.config = self.root / "model.safetensors", self.root / "config.json"
+        self.metrics, self.state = self.root / "metrics.jsonl", self.root / "state.pt"
+
+
+def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | None = None, *,
+          resume: bool = False, force: bool = False, progress: bool = True) -> dict:
+    """Train a DiffTransformer on a task and write a run directory.
+
+    Args:
+        train_cfg: optimisation settings and the output directory.
+        task_cfg: which data to train on.
+        model_choices: ModelConfig fields the user chose (see ``MODEL_CHOICES``).
+        resume: continue the run in ``train_cfg.out`` from its last finished
+            epoch, with the configs saved there; the final weights equal an
+            uninterrupted run's.
+        force: start over in an output directory that already holds a run.
+        progress: show a progress bar (on the main process only).
+
+    Returns:
+        The test-split metrics of the best checkpoint.
+
+    Raises:
+        ValueError: bad configuration, data, or run directory.
+    """
+    dist = Dist.from_env()
+    files = RunFiles(Path(train_cfg.out))
+    saved = _resume_configs(files) if resume else None
+    if saved:
+        train_cfg, task_cfg, model_choices = saved
+        train_cfg.out = str(files.root)
+    elif files.state.exists() or files.model.exists():
+        if not force:
+            raise ValueError(f"{files.root} already holds a run: pass --resume to continue it or --force to start over")
+    threads = set_threads(train_cfg.threads, dist.world)
+    device = _device(train_cfg.device, dist)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    torch.manual_seed(train_cfg.seed)
+    task = load_task(task_cfg)
+    model_cfg = build_model_config(task, dict(model_choices or {}))
+    model = DiffTransformer(model_cfg).to(device)
+    steps_per_epoch = math.ceil(len(task.train.inputs) / train_cfg.batch_size)
+    total_steps = steps_per_epoch * train_cfg.epochs
+    warmup_steps = max(1, int(train_cfg.warmup * total_steps))
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "position" not in name else no_decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total_steps, warmup_steps))
+
+    start_epoch, best = 0, -math.inf
+    if saved:
+        start_epoch, best = _load_state(files, model, optimizer, scheduler)
+    elif dist.main:
+        files.root.mkdir(parents=True, exist_ok=True)
+        files.metrics.unlink(missing_ok=True)
+        for stale in (files.model, files.state):
+            stale.unlink(missing_ok=True)
+        atomic_write_json(files.config, {
+            "model": model_cfg.to_dict(), "task": asdict(task_cfg), "train": asdict(train_cfg),
+            "model_choices": dict(model_choices or {}), "task_info": task.to_dict(),
+        })
+
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if dist.main:
+        log.info("training %s on %s: %d parameters, %d threads, %d process(es), epochs %d-%d",
+                 model_cfg.attention, task.name, model.num_parameters(), threads, dist.world,
+                 start_epoch + 1, train_cfg.epochs)
+
+    x_train, y_train = task.train.inputs, task.train.targets
+    for epoch in range(start_epoch, train_cfg.epochs):
+        started = time.perf_counter()
+        # The shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
+        epoch_seed = train_cfg.seed * 100003 + epoch
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(epoch_seed))
+        net.train()
+        train_loss, seen = 0.0, 0
+        bar = _bar(range(steps_per_epoch), f"epoch {epoch + 1}/{train_cfg.epochs}", progress and dist.main)
+        for step in bar:
+            batch = order[step * train_cfg.batch_size:(step + 1) * train_cfg.batch_size]
+            mine = batch[dist.rank::dist.world]  # this process's share of the global batch
+            x, y = x_train[mine].to(device), y_train[mine].to(device)
+            loss_sum, _ = loss_and_metric(net(x), y, train_cfg.label_smoothing)
+            # Dividing by the global batch's target count (times world, which DDP averages
+            # away) makes the summed gradient equal one process's full-batch mean.
+            loss = loss_sum * dist.world / (len(batch) * (y.numel() // max(1, len(mine))))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            train_loss += loss_sum.item()
+            seen += y.numel()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss_sum.item() / y.numel():.4f}")
+        val = evaluate(model, task.val.inputs, task.val.targets, device=device)
+        score = primary(val, task.metric)
+        improved = score > best
+        best = max(best, score)
+        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+                  "train_loss": train_loss / max(1, seen), **{f"val_{k}": v for k, v in val.items()},
+                  "seconds": round(time.perf_counter() - started, 3)}
+        if dist.main:
+            if improved:
+                save_weights(files.model, model)
+            _save_state(files, model, optimizer, scheduler, epoch + 1, best)
+            with open(files.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d: train loss %.4f, val %s %.4f%s", epoch + 1, record["train_loss"], task.metric,
+                     val.get(task.metric, val["accuracy"]), " (best)" if improved else "")
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
+    best_model, _ = load_run(files.root, device=device)
+    test = evaluate(best_model, task.test.inputs, task.test.targets, device=device)
+    if dist.main:
+        with open(files.metrics, "a") as f:
+            f.write(json.dumps({"split": "test", **test}) + "\n")
+        log.info("test %s of the best checkpoint: %.4f", task.metric, test.get(task.metric, test["accuracy"]))
+    return test
+
+
+def _device(name: str, dist: Dist) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def _bar(iterable, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
+def _save_state(files: RunFiles, model, optimizer, scheduler, epoch: int, best: float) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"epoch": epoch, "best": best, "model": state_dict_cpu(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, buffer)
+    atomic_write_bytes(files.state, buffer.getvalue())
+
+
+def _load_state(files: RunFiles, model, optimizer, scheduler) -> tuple[int, float]:
+    try:
+        state = torch.load(files.state, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+    except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise ValueError(f"cannot resume: {files.state} is corrupt ({type(err).__name__}); "
+                         "start over with --force") from err
+    return state["epoch"], state["best"]
+
+
+def _resume_configs(files: RunFiles) -> tuple[TrainConfig, TaskConfig, dict]:
+    if not files.state.exists() or not files.config.exists():
+        raise ValueError(f"nothing to resume in {files.root}: it has no state.pt and config.json; "
+                         "run without --resume to start")
+    try:
+        saved = json.loads(files.config.read_text())
+        train_cfg = TrainConfig(**{f.name: saved["train"][f.name] for f in fields(TrainConfig)})
+        task_cfg = TaskConfig(**saved["task"])
+        choices = saved["model_choices"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot resume: {files.config} is corrupt ({type(err).__name__}: {err}); "
+                         "start over with --force") from err
+    return train_cfg, task_cfg, choices

@@ -1,0 +1,100 @@
+"""The model: config validation, both input kinds, both heads, positions, and export-friendliness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difftx_edge.model import ATTENTION, DiffTransformer, ModelConfig
+
+KINDS = sorted(ATTENTION)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(attention="dense"), "unknown attention kind 'dense'"),
+    (dict(attention="local,linear,local"), "3 kinds for 2 layers"),
+    (dict(window=100), "window (100) is larger than the sequence"),
+    (dict(d_model=30), "divisible by n_heads"),
+    (dict(attention="lowrank", rank=99), "rank (99) is larger than max_len"),
+    (dict(head="lm"), "needs causal=True"),
+    (dict(position="rope"), "unknown position encoding"),
+    (dict(attention="hybrid", n_heads=1, d_model=16), "n_heads >= 2"),
+    (dict(input_dim=None), "exactly one of vocab_size"),
+    (dict(eps=0.0), "eps must be in (0, 1)"),
+])
+def test_config_rejects_bad_values_with_one_line(bad, message):
+    with pytest.raises(ValueError) as err:
+        ModelConfig(**{"input_dim": 4, "max_len": 32, **bad})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_per_layer_kinds():
+    cfg = ModelConfig(input_dim=4, max_len=32, n_layers=4, attention="local,linear,hybrid,hybrid")
+    model = DiffTransformer(cfg)
+    assert [type(b.attn.core).__name__ for b in model.blocks] == [
+        "LocalAttention", "LinearAttention", "HybridAttention", "HybridAttention"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_token_and_feature_inputs_and_both_heads(kind):
+    tokens = DiffTransformer(ModelConfig(vocab_size=20, n_outputs=5, max_len=24, attention=kind, rank=8))
+    assert tokens(torch.randint(0, 20, (3, 24))).shape == (3, 5)
+    features = DiffTransformer(ModelConfig(input_dim=6, n_outputs=5, max_len=24, attention=kind, rank=8))
+    assert features(torch.randn(3, 24, 6)).shape == (3, 5)
+    lm = DiffTransformer(ModelConfig(vocab_size=20, n_outputs=20, max_len=24, attention=kind, rank=8,
+                                     causal=True, head="lm"))
+    assert lm(torch.randint(0, 20, (3, 24))).shape == (3, 24, 20)
+
+
+def test_shorter_sequences_are_served():
+    model = DiffTransformer(ModelConfig(input_dim=4, max_len=32, attention="lowrank", rank=8)).eval()
+    assert model(torch.randn(2, 20, 4)).shape == (2, 10)
+
+
+def test_sinusoidal_positions_serve_lengths_beyond_training_and_learned_table_refuses():
+    sinus = DiffTransformer(ModelConfig(input_dim=4, max_len=16, position="sinusoidal", attention="hybrid"))
+    assert torch.isfinite(sinus(torch.randn(2, 64, 4))).all()
+    assert sinus.cfg.max_serving_len() is None
+    learned = DiffTransformer(ModelConfig(input_dim=4, max_len=16))
+    assert learned.cfg.max_serving_len() == 16
+    with pytest.raises(ValueError, match="exceeds the learned position table"):
+        learned(torch.randn(2, 64, 4))
+
+
+def test_sinusoidal_positions_are_trainable_and_start_as_sin_cos_pairs():
+    model = DiffTransformer(ModelConfig(input_dim=4, max_len=16, position="sinusoidal"))
+    pe = model.position(8)
+    t = torch.arange(8.0)[:, None]
+    torch.testing.assert_close(pe[:, 0:1], torch.sin(t))
+    torch.testing.assert_close(pe[:, 1:2], torch.cos(t), atol=1e-6, rtol=0)
+    assert model.position.freq.requires_grad and model.position.phase.requires_grad
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_form_equals_eager_form(kind, causal):
+    # Export takes the delegable forms (explicit softmax, decomposed LayerNorm); eager the fused ones.
+    cfg = ModelConfig(input_dim=4, max_len=32, attention=kind, causal=causal, rank=8, window=5, n_global=1)
+    model = DiffTransformer(cfg).eval()
+    x = torch.randn(2, 32, 4)
+    exported = torch.export.export(model, (x,)).module()
+    torch.testing.assert_close(exported(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_compute_op_lowers_to_one_xnnpack_subgraph(kind, causal):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    cfg = ModelConfig(input_dim=4, max_len=40, d_model=32, attention=kind, causal=causal, window=6, n_global=2,
+                      rank=8, chunk=16, position="sinusoidal" if causal else "learned")
+    model = DiffTransformer(cfg).eval()
+    program = to_edge_transform_and_lower(torch.export.export(model, (torch.randn(1, 40, 4),)),
+                                          partitioner=[XnnpackPartitioner()])
+    graph = program.exported_program().graph_module
+    info = get_delegation_info(graph)
+    outside = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"
+               and "executorch_call_delegate" not in str(n.target) and "getitem" not in str(n.target)]
+    assert info.num_delegated_subgraphs == 1 and outside == []
