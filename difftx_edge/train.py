@@ -43,13 +43,13 @@ class TrainConfig:
     """How to train. Every field is also a ``difftx-edge train`` flag."""
 
     out: str = "runs/digits"
-    epochs: int = 40
+    epochs: int = 150
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: float = 0.05  # fraction of all steps spent warming the learning rate up
     grad_clip: float = 1.0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     seed: int = 0
     threads: int | None = None  # None: the machine's cores divided among the processes
     device: str = "auto"  # "auto", "cpu" or "cuda"
@@ -111,7 +111,7 @@ def set_threads(threads: int | None, world: int) -> int:
 
 
 def loss_and_metric(logits: torch.Tensor, targets: torch.Tensor,
-                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    label_smoothing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and the number of correct predictions (per example, or per token for lm)."""
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
                            label_smoothing=label_smoothing)
@@ -221,6 +221,8 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
     start_epoch, best = 0, -math.inf
     if saved:
         start_epoch, best = _load_state(files, model, optimizer, scheduler)
+        if dist.main:
+            _keep_epochs(files.metrics, start_epoch)
     elif dist.main:
         files.root.mkdir(parents=True, exist_ok=True)
         files.metrics.unlink(missing_ok=True)
@@ -250,6 +252,8 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
         bar = _bar(range(steps_per_epoch), f"epoch {epoch + 1}/{train_cfg.epochs}", progress and dist.main)
         for step in bar:
             batch = order[step * train_cfg.batch_size:(step + 1) * train_cfg.batch_size]
+            if len(batch) < dist.world:  # a remainder too small to give every process a sample
+                continue
             mine = batch[dist.rank::dist.world]  # this process's share of the global batch
             x, y = x_train[mine].to(device), y_train[mine].to(device)
             loss_sum, _ = loss_and_metric(net(x), y, train_cfg.label_smoothing)
@@ -267,7 +271,7 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
                 bar.set_postfix(loss=f"{loss_sum.item() / y.numel():.4f}")
         val = evaluate(model, task.val.inputs, task.val.targets, device=device)
         score = primary(val, task.metric)
-        improved = score > best
+        improved = score >= best  # on a tie the later, longer-trained epoch wins
         best = max(best, score)
         record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                   "train_loss": train_loss / max(1, seen), **{f"val_{k}": v for k, v in val.items()},
@@ -275,9 +279,10 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
         if dist.main:
             if improved:
                 save_weights(files.model, model)
-            _save_state(files, model, optimizer, scheduler, epoch + 1, best)
+            # The metrics line goes first: a kill between the two leaves an extra line, which resume drops.
             with open(files.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            _save_state(files, model, optimizer, scheduler, epoch + 1, best)
             log.info("epoch %d: train loss %.4f, val %s %.4f%s", epoch + 1, record["train_loss"], task.metric,
                      val.get(task.metric, val["accuracy"]), " (best)" if improved else "")
     if dist.world > 1:
@@ -330,6 +335,15 @@ def _load_state(files: RunFiles, model, optimizer, scheduler) -> tuple[int, floa
         raise ValueError(f"cannot resume: {files.state} is corrupt ({type(err).__name__}); "
                          "start over with --force") from err
     return state["epoch"], state["best"]
+
+
+def _keep_epochs(metrics: Path, last_epoch: int) -> None:
+    """Drop metrics lines of epochs the saved state does not hold (and any earlier test line)."""
+    if not metrics.exists():
+        return
+    kept = [line for line in metrics.read_text().splitlines()
+            if line.strip() and json.loads(line).get("epoch", last_epoch + 1) <= last_epoch]
+    atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
 
 
 def _resume_configs(files: RunFiles) -> tuple[TrainConfig, TaskConfig, dict]:

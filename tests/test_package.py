@@ -48,3 +48,11 @@ def test_regular_install_wheel_holds_subpackages_under_difftx_edge(tmp_path):
     assert top_level == {"difftx_edge"}, top_level
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "difftx-edge = difftx_edge.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = 'pip install -e ".[test]" && pytest'
+    assert f"python3 -m venv .venv && . .venv/bin/activate && {command}" in readme
+    assert ci.rstrip().splitlines()[-1] == command

@@ -29,11 +29,10 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def test_digits_reaches_95_percent_in_a_ci_sized_run(tmp_path):
     # The default model (hybrid attention), trained briefly on 2 threads.
-    test = train(TrainConfig(out=str(tmp_path), epochs=30, threads=2), TaskConfig("digits"),
-                 {"window": 4, "dropout": 0.1}, progress=False)
+    test = train(TrainConfig(out=str(tmp_path), epochs=40, threads=2), TaskConfig("digits"), {}, progress=False)
     assert test["accuracy"] >= 0.95
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines[:-1]] == list(range(1, 31)) and lines[-1]["split"] == "test"
+    assert [r["epoch"] for r in lines[:-1]] == list(range(1, 41)) and lines[-1]["split"] == "test"
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["task_info"]["label_names"] == [str(d) for d in range(10)]
     assert config["model"]["attention"] == "hybrid"
@@ -82,7 +81,9 @@ def test_kill_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path):
 
 
 def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path):
-    flags = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--epochs", "2", "--threads", "1"]
+    # No dropout: each process draws its own dropout masks, so only the deterministic model can match.
+    flags = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--epochs", "2", "--threads", "1",
+             "--dropout", "0"]
     single = cli("train", "--out", str(tmp_path / "single"), *flags)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
