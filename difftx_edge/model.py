@@ -203,6 +203,36 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visib
     return eps_softmax(s, eps) @ v
 
 
+def fused_eps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eps-softmax attention through PyTorch's fused SDPA kernel (eager mode only).
+
+    The eps term is one extra "null" key whose logit is log(eps) for every
+    query and whose value is zero: queries get an extra coordinate 1 and the
+    null key log(eps)/scale there, so SDPA's fused kernel computes
+    exp(s_i) / (sum_j exp(s_j) + eps) without building the score matrix.
+
+    Args:
+        q: (..., Nq, D) queries; k, v: (..., Nk, D) keys and values.
+        eps: the eps of the eps-softmax.
+        mask: None, or (..., Nq, Nk) bool (True = visible) or additive float,
+            broadcastable over the leading dims.
+
+    Returns:
+        (..., Nq, D) attention output.
+    """
+    D, Nk = q.shape[-1], k.shape[-2]
+    scale = D ** -0.5
+    null = np.zeros((Nk + 1, D + 1), np.float32)
+    null[0, D] = math.log(eps) / scale
+    q1 = F.pad(q, (0, 1), value=1.0)  # (..., Nq, D+1)
+    k1 = F.pad(k, (0, 1, 1, 0)) + constant(null, k)  # (..., Nk+1, D+1): null key first
+    v1 = F.pad(v, (0, 1, 1, 0))  # (..., Nk+1, D+1): zero value for the null key, D padded to match q
+    if mask is not None:  # every query sees the null key
+        mask = F.pad(mask, (1, 0), value=True if mask.dtype == torch.bool else 0.0)
+    return F.scaled_dot_product_attention(q1, k1, v1, attn_mask=mask, scale=scale)[..., :D]
+
+
 @functools.lru_cache(maxsize=64)
 def _bias(visible: bytes, shape: tuple[int, ...]) -> np.ndarray:
     mask = np.frombuffer(visible, dtype=bool).reshape(shape)
@@ -250,22 +280,9 @@ class SoftmaxAttention(nn.Module):
         return torch.bmm(eps_softmax(s, self.eps), v).reshape(B, H, N, D)
 
     def fused(self, q, k, v):
-        # The eps term is one extra "null" key whose logit is log(eps) for every query
-        # and whose value is zero: give queries an extra coordinate 1 and the null key
-        # log(eps)/scale there, so SDPA's fused kernel computes the eps-softmax.
-        B, H, N, D = q.shape
-        scale = D ** -0.5
-        q1 = F.pad(q, (0, 1), value=1.0)  # (B, H, N, D+1)
-        k1 = F.pad(k, (0, 1, 1, 0))  # (B, H, N+1, D+1): null key first
-        null = np.zeros((N + 1, D + 1), np.float32)
-        null[0, D] = math.log(self.eps) / scale
-        k1 = k1 + constant(null, k1)
-        v1 = F.pad(v, (0, 1, 1, 0))  # (B, H, N+1, D+1): zero value for the null key, D padded to match
-        mask = None
-        if self.causal:  # query i sees the null key and keys 0..i
-            mask = torch.from_numpy(np.tri(N, N + 1, k=1, dtype=bool)).to(q.device)
-        out = F.scaled_dot_product_attention(q1, k1, v1, attn_mask=mask, scale=scale)
-        return out[..., :D]
+        N = q.shape[2]
+        mask = torch.from_numpy(np.tri(N, dtype=bool)).to(q.device) if self.causal else None
+        return fused_eps_attention(q, k, v, self.eps, mask)
 
 
 @register_attention("local")
