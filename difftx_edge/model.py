@@ -152,6 +152,8 @@ def constant(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     tracing the ops that made it (arange, tril, where), which would run outside
     the XNNPACK delegate.
     """
+    if 0 in array.strides:  # numpy gives new axes stride 0, which the ExecuTorch runtime refuses
+        array = array.copy()
     return torch.from_numpy(array).to(device=like.device, dtype=like.dtype)
 
 
@@ -312,18 +314,19 @@ class LocalAttention(nn.Module):
         return vis
 
     @functools.lru_cache(maxsize=16)
-    def _block_masks(self, N: int, b: int, nb: int, g: int) -> tuple[np.ndarray, np.ndarray]:
+    def _scores_bias(self, N: int, b: int, nb: int, g: int) -> np.ndarray:
+        """(Np, L+g) additive mask over each query's block keys, then the g global keys."""
         n_neighbours = 2 if self.causal else 3
         i = (np.arange(nb)[:, None, None] * b + np.arange(b)[None, :, None])  # (nb, b, 1) query positions
         j = (np.arange(nb)[:, None, None] - 1) * b + np.arange(n_neighbours * b)[None, None, :]  # (nb, 1, L) key positions
         d = i - j
         vis = (d >= 0) & (d < self.window) if self.causal else np.abs(d) < self.window
         vis &= (j >= g) & (j < N)  # global keys are scored separately, padding never
-        local = additive_mask(vis)  # (nb, b, L)
-        ig = np.arange(nb * b)[:, None]
-        jg = np.arange(g)[None, :]
-        to_global = additive_mask(jg <= ig if self.causal else np.ones((nb * b, g), bool))  # (Np, g)
-        return local, to_global
+        vis = vis.reshape(nb * b, n_neighbours * b)
+        if g:
+            to_global = np.arange(g)[None, :] <= np.arange(nb * b)[:, None] if self.causal else np.ones((nb * b, g), bool)
+            vis = np.concatenate([vis, to_global], axis=1)
+        return additive_mask(vis)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, H, N, D = q.shape
@@ -333,7 +336,6 @@ class LocalAttention(nn.Module):
         pad = nb * b - N
         q, k, v = (F.pad(t.reshape(BH, N, D), (0, 0, 0, pad)) for t in (q, k, v))  # (BH, Np, D)
         q = q * D ** -0.5
-        local_bias, global_bias = (constant(m, q) for m in self._block_masks(N, b, nb, g))
 
         def neighbours(t):  # (BH, Np, D) -> (BH*nb, L, D): each block's previous, own (and next) block
             t = F.pad(t.reshape(BH, nb, b, D), (0, 0, 0, 0, 1, 1))  # (BH, nb+2, b, D)
@@ -343,11 +345,12 @@ class LocalAttention(nn.Module):
         k_blocks, v_blocks = neighbours(k), neighbours(v)
         s = torch.bmm(q.reshape(BH * nb, b, D), k_blocks.transpose(1, 2))  # (BH*nb, b, L)
         L = s.shape[-1]
-        s = (s.reshape(BH, nb, b, L) + local_bias).reshape(BH, nb * b, L)  # (BH, Np, L)
+        s = s.reshape(BH, nb * b, L)  # (BH, Np, L)
         if g:
-            s = torch.cat([s, torch.bmm(q, k[:, :g].transpose(1, 2)) + global_bias], dim=2)  # (BH, Np, L+g)
-        p = eps_softmax(s, self.eps)
-        out = torch.bmm(p[:, :, :L].reshape(BH * nb, b, L), v_blocks).reshape(BH, nb * b, D)
+            s = torch.cat([s, torch.bmm(q, k[:, :g].transpose(1, 2))], dim=2)  # (BH, Np, L+g)
+        # The mask is added after the cat, so no -inf ever reaches an op a quantizer may observe.
+        p = eps_softmax(s + constant(self._scores_bias(N, b, nb, g), s), self.eps)
+        out = torch.bmm(first(p, L, dim=2).reshape(BH * nb, b, L), v_blocks).reshape(BH, nb * b, D)
         if g:
             out = out + torch.bmm(p[:, :, L:], v[:, :g])
             # Global queries see every key: a (g x N) strip of full attention.
@@ -439,7 +442,8 @@ class LowRankAttention(nn.Module):
         r, s = self.rank, self.seg
         seg_of = np.arange(N) // s
         block = (np.arange(r)[:, None] == seg_of[None, :]).astype(np.float32)  # (r, N) segment membership
-        finished = additive_mask(np.arange(r)[None, :] < seg_of[:, None])  # (N, r): segments before i's own
+        # (N, r+1): slots of segments before i's own, then the always-visible partial slot
+        finished = additive_mask(np.concatenate([np.arange(r)[None, :] < seg_of[:, None], np.ones((N, 1), bool)], 1))
         return block, finished, np.tri(s, dtype=np.float32)
 
     def _causal(self, q, k, v):
@@ -462,8 +466,9 @@ class LowRankAttention(nn.Module):
         k_p, v_p = partial(k, proj_k), partial(v, proj_v)  # (BH, N, D)
         ones = constant(np.ones((1, D), np.float32), q)
         s_own = mix(q * k_p, ones)  # (BH, N, 1) score of the partial slot
-        s_done = torch.bmm(q, k_r.transpose(1, 2)) + finished  # (BH, N, r)
-        p = eps_softmax(torch.cat([s_done, s_own], dim=2), self.eps)
+        s_done = torch.bmm(q, k_r.transpose(1, 2))  # (BH, N, r)
+        # The mask is added after the cat, so no -inf ever reaches an op a quantizer may observe.
+        p = eps_softmax(torch.cat([s_done, s_own], dim=2) + finished, self.eps)
         return torch.bmm(p[:, :, :r], v_r) + p[:, :, r:] * v_p
 
 

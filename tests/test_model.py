@@ -81,20 +81,29 @@ def test_export_form_equals_eager_form(kind, causal):
     torch.testing.assert_close(exported(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("kind", KINDS)
-def test_every_compute_op_lowers_to_one_xnnpack_subgraph(kind, causal):
+LOWERING_CASES = [(kind, causal, n_global) for kind in KINDS for causal in (False, True)
+                  for n_global in ((0, 2) if kind in ("local", "hybrid") else (0,))]
+
+
+@pytest.mark.parametrize("kind, causal, n_global", LOWERING_CASES)
+def test_every_compute_op_lowers_to_one_xnnpack_subgraph_and_runs(kind, causal, n_global, tmp_path):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
 
-    cfg = ModelConfig(input_dim=4, max_len=40, d_model=32, attention=kind, causal=causal, window=6, n_global=2,
-                      rank=8, chunk=16, position="sinusoidal" if causal else "learned")
+    cfg = ModelConfig(input_dim=4, max_len=40, d_model=32, attention=kind, causal=causal, window=6,
+                      n_global=n_global, rank=8, chunk=16, position="sinusoidal" if causal else "learned")
     model = DiffTransformer(cfg).eval()
-    program = to_edge_transform_and_lower(torch.export.export(model, (torch.randn(1, 40, 4),)),
-                                          partitioner=[XnnpackPartitioner()])
+    x = torch.randn(1, 40, 4)
+    program = to_edge_transform_and_lower(torch.export.export(model, (x,)), partitioner=[XnnpackPartitioner()])
     graph = program.exported_program().graph_module
     info = get_delegation_info(graph)
     outside = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"
                and "executorch_call_delegate" not in str(n.target) and "getitem" not in str(n.target)]
     assert info.num_delegated_subgraphs == 1 and outside == []
+    # The lowered program must also load and match eager in ExecuTorch's runtime.
+    path = tmp_path / "model.pte"
+    path.write_bytes(program.to_executorch().buffer)
+    out = Runtime.get().load_program(path).load_method("forward").execute([x])[0]
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-4)
