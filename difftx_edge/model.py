@@ -313,18 +313,19 @@ class LocalAttention(nn.Module):
             vis &= d >= 0
         return vis
 
+    @staticmethod
     @functools.lru_cache(maxsize=16)
-    def _scores_bias(self, N: int, b: int, nb: int, g: int) -> np.ndarray:
+    def scores_bias(N: int, b: int, nb: int, g: int, window: int, causal: bool) -> np.ndarray:
         """(Np, L+g) additive mask over each query's block keys, then the g global keys."""
-        n_neighbours = 2 if self.causal else 3
+        n_neighbours = 2 if causal else 3
         i = (np.arange(nb)[:, None, None] * b + np.arange(b)[None, :, None])  # (nb, b, 1) query positions
         j = (np.arange(nb)[:, None, None] - 1) * b + np.arange(n_neighbours * b)[None, None, :]  # (nb, 1, L) key positions
         d = i - j
-        vis = (d >= 0) & (d < self.window) if self.causal else np.abs(d) < self.window
+        vis = (d >= 0) & (d < window) if causal else np.abs(d) < window
         vis &= (j >= g) & (j < N)  # global keys are scored separately, padding never
         vis = vis.reshape(nb * b, n_neighbours * b)
         if g:
-            to_global = np.arange(g)[None, :] <= np.arange(nb * b)[:, None] if self.causal else np.ones((nb * b, g), bool)
+            to_global = np.arange(g)[None, :] <= np.arange(nb * b)[:, None] if causal else np.ones((nb * b, g), bool)
             vis = np.concatenate([vis, to_global], axis=1)
         return additive_mask(vis)
 
@@ -349,7 +350,7 @@ class LocalAttention(nn.Module):
         if g:
             s = torch.cat([s, torch.bmm(q, k[:, :g].transpose(1, 2))], dim=2)  # (BH, Np, L+g)
         # The mask is added after the cat, so no -inf ever reaches an op a quantizer may observe.
-        p = eps_softmax(s + constant(self._scores_bias(N, b, nb, g), s), self.eps)
+        p = eps_softmax(s + constant(self.scores_bias(N, b, nb, g, self.window, self.causal), s), self.eps)
         out = torch.bmm(first(p, L, dim=2).reshape(BH * nb, b, L), v_blocks).reshape(BH, nb * b, D)
         if g:
             out = out + torch.bmm(p[:, :, L:], v[:, :g])
@@ -437,9 +438,10 @@ class LowRankAttention(nn.Module):
             out = self._causal(q, k, v)
         return out.reshape(B, H, N, D)
 
+    @staticmethod
     @functools.lru_cache(maxsize=16)
-    def _causal_masks(self, N: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        r, s = self.rank, self.seg
+    def causal_masks(N: int, r: int, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segment membership (r, N), the visible-slot mask (N, r+1) and the within-segment (s, s) prefix."""
         seg_of = np.arange(N) // s
         block = (np.arange(r)[:, None] == seg_of[None, :]).astype(np.float32)  # (r, N) segment membership
         # (N, r+1): slots of segments before i's own, then the always-visible partial slot
@@ -449,7 +451,7 @@ class LowRankAttention(nn.Module):
     def _causal(self, q, k, v):
         BH, N, D = q.shape
         r, s = self.rank, self.seg
-        block, finished, tri = (constant(m, q) for m in self._causal_masks(N))
+        block, finished, tri = (constant(m, q) for m in self.causal_masks(N, self.rank, self.seg))
         proj_k, proj_v = first(self.proj_k, N) * block, first(self.proj_v, N) * block  # (r, N) block-diagonal
         k_r = mix(k.transpose(1, 2), proj_k).transpose(1, 2)  # (BH, r, D) whole-segment slots
         v_r = mix(v.transpose(1, 2), proj_v).transpose(1, 2)
