@@ -183,6 +183,14 @@ def mix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x.reshape(1, -1, n_in), w.t().reshape(1, n_in, n_out)).reshape(*x.shape[:-1], n_out)
 
 
+def eps_softmax_(s: torch.Tensor, eps: float) -> torch.Tensor:
+    """``eps_softmax`` computed in place in ``s``, for inference: no padded or sliced copies."""
+    log_eps = math.log(eps)
+    m = s.amax(dim=-1, keepdim=True).clamp_(min=log_eps)  # the eps logit joins the max, so nothing overflows
+    s.sub_(m).exp_()
+    return s.div_(s.sum(dim=-1, keepdim=True).add_(torch.exp(log_eps - m)))
+
+
 def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
     """elu(x) + 1 from relu and exp, which XNNPACK delegates (its elu is disabled)."""
     return F.relu(x) + torch.exp(-F.relu(-x))
@@ -350,7 +358,11 @@ class LocalAttention(nn.Module):
         if g:
             s = torch.cat([s, torch.bmm(q, k[:, :g].transpose(1, 2))], dim=2)  # (BH, Np, L+g)
         # The mask is added after the cat, so no -inf ever reaches an op a quantizer may observe.
-        p = eps_softmax(s + constant(self.scores_bias(N, b, nb, g, self.window, self.causal), s), self.eps)
+        bias = constant(self.scores_bias(N, b, nb, g, self.window, self.causal), s)
+        if torch.is_grad_enabled() or _exporting():
+            p = eps_softmax(s + bias, self.eps)
+        else:
+            p = eps_softmax_(s.add_(bias), self.eps)
         out = torch.bmm(first(p, L, dim=2).reshape(BH * nb, b, L), v_blocks).reshape(BH, nb * b, D)
         if g:
             out = out + torch.bmm(p[:, :, L:], v[:, :g])

@@ -18,6 +18,7 @@ from difftx_edge.model import (
     SoftmaxAttention,
     elu_plus_one,
     eps_softmax,
+    eps_softmax_,
     reference_attention,
 )
 
@@ -60,6 +61,23 @@ def test_local_equals_banded_masked_full_attention(causal, N, window, n_global):
         band &= d >= 0
     expected = reference_attention(q, k, v, torch.from_numpy(band), local.eps)
     torch.testing.assert_close(local(q, k, v), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n_global", [0, 3])
+def test_local_inference_path_equals_training_path(causal, n_global):
+    # Without autograd, local attention takes the in-place eps-softmax; it must give the same numbers.
+    q, k, v = qkv(N=40)
+    local = LocalAttention(config(causal=causal, window=6, n_global=n_global, max_len=40))
+    trained = local(q, k, v)
+    with torch.inference_mode():
+        inferred = local(q, k, v)
+    torch.testing.assert_close(inferred, trained, atol=1e-6, rtol=1e-5)
+
+
+def test_inplace_eps_softmax_matches_and_is_finite():
+    s = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [2.0, 1.0, float("-inf")]])
+    torch.testing.assert_close(eps_softmax_(s.clone(), 1e-6), eps_softmax(s, 1e-6))
 
 
 def test_local_cost_is_blockwise_not_quadratic():
