@@ -111,7 +111,7 @@ def set_threads(threads: int | None, world: int) -> int:
 
 
 def loss_and_metric(logits: torch.Tensor, targets: torch.Tensor,
-                    label_smoothing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and the number of correct predictions (per example, or per token for lm)."""
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
                            label_smoothing=label_smoothing)
