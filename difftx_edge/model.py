@@ -225,8 +225,7 @@ def fused_eps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: 
     Args:
         q: (..., Nq, D) queries; k, v: (..., Nk, D) keys and values.
         eps: the eps of the eps-softmax.
-        mask: None, or (..., Nq, Nk) bool (True = visible) or additive float,
-            broadcastable over the leading dims.
+        mask: None, or (Nq, Nk) bool, True where a query may see a key.
 
     Returns:
         (..., Nq, D) attention output.
@@ -239,7 +238,7 @@ def fused_eps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: 
     k1 = F.pad(k, (0, 1, 1, 0)) + constant(null, k)  # (..., Nk+1, D+1): null key first
     v1 = F.pad(v, (0, 1, 1, 0))  # (..., Nk+1, D+1): zero value for the null key, D padded to match q
     if mask is not None:  # every query sees the null key
-        mask = F.pad(mask, (1, 0), value=True if mask.dtype == torch.bool else 0.0)
+        mask = F.pad(mask, (1, 0), value=True)
     return F.scaled_dot_product_attention(q1, k1, v1, attn_mask=mask, scale=scale)[..., :D]
 
 
@@ -463,7 +462,7 @@ class LowRankAttention(nn.Module):
     def _causal(self, q, k, v):
         BH, N, D = q.shape
         r, s = self.rank, self.seg
-        block, finished, tri = (constant(m, q) for m in self.causal_masks(N, self.rank, self.seg))
+        block, finished, tri = (constant(m, q) for m in self.causal_masks(N, r, s))
         proj_k, proj_v = first(self.proj_k, N) * block, first(self.proj_v, N) * block  # (r, N) block-diagonal
         k_r = mix(k.transpose(1, 2), proj_k).transpose(1, 2)  # (BH, r, D) whole-segment slots
         v_r = mix(v.transpose(1, 2), proj_v).transpose(1, 2)
