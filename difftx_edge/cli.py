@@ -28,9 +28,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_fields(parser: argparse.ArgumentParser, cls, names=None, *, keep_defaults: bool, rename=None) -> None:
-    """One flag per dataclass field; ``keep_defaults=False`` leaves unset flags out of the config."""
-    rename = rename or {}
+def add_fields(parser: argparse.ArgumentParser, cls, names=None, *, keep_defaults: bool, rename=None,
+               choices=None) -> None:
+    """One flag per dataclass field; ``keep_defaults=False`` leaves unset flags out of the config.
+
+    With ``keep_defaults``, a field without a default is a required flag.
+    """
+    rename, choices = rename or {}, choices or {}
     for f in fields(cls):
         if names is not None and f.name not in names:
             continue
@@ -41,7 +45,10 @@ def add_fields(parser: argparse.ArgumentParser, cls, names=None, *, keep_default
             parser.add_argument(_flag(rename.get(f.name, f.name)), action=argparse.BooleanOptionalAction, **kwargs)
             continue
         help_text = f"default: {f.default}" if f.default is not MISSING else None
-        parser.add_argument(_flag(rename.get(f.name, f.name)), type=_TYPES[type_name], help=help_text, **kwargs)
+        if f.name in choices:
+            kwargs["choices"] = choices[f.name]
+        parser.add_argument(_flag(rename.get(f.name, f.name)), type=_TYPES[type_name], help=help_text,
+                            required=keep_defaults and f.default is MISSING, **kwargs)
 
 
 def pick(args: argparse.Namespace, cls, names=None, *, drop_none: bool) -> dict:
@@ -77,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument("--threads", type=int, default=None)
     evaluate.set_defaults(handler=_evaluate)
+
+    from difftx_edge.quantize import METHODS, QUANTIZERS, QuantConfig
+
+    quantize = verbs.add_parser("quantize", help="QAT or PTQ of a trained run to an int8 program for one backend")
+    add_fields(quantize, QuantConfig, keep_defaults=True,
+               choices={"backend": sorted(QUANTIZERS), "method": METHODS})
+    quantize.add_argument("--force", action="store_true", help="replace another run's results in --out")
+    quantize.set_defaults(handler=_quantize)
     return parser
 
 
@@ -102,8 +117,24 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps({"run": args.run, "split": args.split, **evaluate(model, split.inputs, split.targets)}))
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from difftx_edge.quantize import QuantConfig, quantize
+
+    report = quantize(QuantConfig(**pick(args, QuantConfig, drop_none=False)), force=args.force)
+    summary = {name: (m or {}).get("accuracy") for name, m in report["test"].items()}
+    print(json.dumps({"out": args.out, "backend": report["backend"], "method": report["method"],
+                      "test_accuracy": summary, "int8_linear_layers": report["int8_linear_layers"],
+                      "seconds": report["seconds"]["total"]}))
+
+
+def _drop_missing_cuda_kernels(record: logging.LogRecord) -> bool:
+    # torchao's CPU install logs one "Failed to load <cuda kernel>.so" line per CUDA-only kernel at import.
+    return not record.getMessage().startswith("Failed to load")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("torchao").addFilter(_drop_missing_cuda_kernels)
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

@@ -121,14 +121,18 @@ def loss_and_metric(logits: torch.Tensor, targets: torch.Tensor,
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 256,
-             device: torch.device | str = "cpu") -> dict:
+             device: torch.device | str = "cpu", switch_mode: bool = True) -> dict:
     """Loss and task metric on one split.
 
     Returns:
         ``{"loss", "accuracy"}`` where accuracy is per example (classify) or
         per token (lm), plus ``"bits_per_byte"`` for a language model.
+
+    ``switch_mode=False`` leaves the mode alone, for exported graphs, which
+    refuse ``.eval()``.
     """
-    model.eval()
+    if switch_mode:
+        model.eval()
     total_loss, total_correct, count = 0.0, 0, 0
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)

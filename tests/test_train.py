@@ -27,9 +27,8 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
-def test_digits_reaches_95_percent_in_a_ci_sized_run(tmp_path):
-    # The default model (hybrid attention), trained briefly on 2 threads.
-    test = train(TrainConfig(out=str(tmp_path), epochs=40, threads=2), TaskConfig("digits"), {}, progress=False)
+def test_digits_reaches_95_percent_in_a_ci_sized_run(digits_run):
+    tmp_path, test = digits_run
     assert test["accuracy"] >= 0.95
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines[:-1]] == list(range(1, 41)) and lines[-1]["split"] == "test"

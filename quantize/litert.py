@@ -1,0 +1,23 @@
+"""litert-torch's PT2E quantizer: int8 TFLite kernels in a .tflite."""
+
+from __future__ import annotations
+
+from difftx_edge.quantize.registry import float_module_types, qualified_name, register_quantizer
+
+
+@register_quantizer("litert", extra="litert", requires=("litert_torch", "ai_edge_litert", "torchao"),
+                    runtime="LiteRT / TFLite (XNNPACK delegate)")
+def build(qat: bool):
+    from difftx_edge.quantize.pt2e import consistent_fake_quant
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+
+    class LiteRTQuantizer(PT2EQuantizer):
+        # The QAT-only conv+bn annotators crash under torch 2.13, and a Transformer has no conv+bn.
+        STATIC_QAT_ONLY_OPS = []
+
+    quantizer = LiteRTQuantizer().set_global(
+        consistent_fake_quant(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)))
+    for kind in float_module_types():
+        # Its module-type filter compares against the strings in nn_module_stack.
+        quantizer.set_module_type(qualified_name(kind), None)
+    return quantizer

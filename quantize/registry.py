@@ -1,0 +1,88 @@
+"""The quantizer registry: one entry per backend, each in its own module.
+
+An entry only names what it needs; the backend's packages are imported when
+its quantizer is built, never at registration, so ``import difftx_edge`` stays
+light and a missing extra is reported as one line naming it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """A backend's PT2E quantizer.
+
+    Attributes:
+        name: the backend name used by ``--backend``.
+        extra: the pip extra that installs what it needs.
+        requires: importable modules the quantizer needs.
+        runtime: where its integer kernels run.
+        build: ``build(qat: bool) -> Quantizer``, leaving ``float_module_types()`` in float.
+    """
+
+    name: str
+    extra: str
+    requires: tuple[str, ...]
+    runtime: str
+    build: Callable
+
+    def missing(self) -> list[str]:
+        return [module for module in self.requires if importlib.util.find_spec(module) is None]
+
+    def installed(self) -> bool:
+        return not self.missing()
+
+    def require(self) -> None:
+        """Raises ValueError, naming the pip extra, when the backend's packages are not installed."""
+        missing = self.missing()
+        if missing:
+            raise ValueError(f"backend {self.name} needs {', '.join(missing)}, which is not installed: "
+                             f"pip install 'difftx-edge[{self.extra}]'")
+
+    def quantizer(self, qat: bool):
+        """The backend's quantizer (fake-quant modules for QAT, observers for PTQ)."""
+        self.require()
+        return self.build(qat)
+
+
+QUANTIZERS: dict[str, QuantizerSpec] = {}
+
+
+def register_quantizer(name: str, *, extra: str, requires: tuple[str, ...], runtime: str):
+    """Register ``build(qat) -> Quantizer`` as backend ``name``; returns the function unchanged."""
+
+    def wrap(build: Callable) -> Callable:
+        QUANTIZERS[name] = QuantizerSpec(name, extra, tuple(requires), runtime, build)
+        return build
+
+    return wrap
+
+
+def get_quantizer_spec(name: str) -> QuantizerSpec:
+    """Raises ValueError naming the known backends when ``name`` is not one."""
+    if name not in QUANTIZERS:
+        raise ValueError(f"unknown backend {name!r}: use one of {', '.join(sorted(QUANTIZERS))}")
+    return QUANTIZERS[name]
+
+
+def float_module_types() -> list[type]:
+    """Module types kept in float on every backend: the attention kinds and LayerNorm.
+
+    Attention masks hold -inf and the eps-softmax's probabilities span many
+    orders of magnitude; an int8 observer can represent neither (the mask's
+    scale would flatten attention to uniform). LayerNorm, exported as
+    mean/rsqrt for XNNPACK, would otherwise have its variance quantized: a
+    small variance plus eps rounds to 0 and rsqrt returns inf.
+    """
+    from difftx_edge.model import ATTENTION, LayerNorm
+
+    return [*dict.fromkeys(ATTENTION.values()), LayerNorm]
+
+
+def qualified_name(cls: type) -> str:
+    """How torch.export's ``nn_module_stack`` names a module type: some quantizers' filters compare strings."""
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -1,0 +1,279 @@
+"""Quantization: QAT gradients, prepared-versus-converted numerics, int8 weights, accuracy, bad input.
+
+Every backend quantizer runs for real; under CI a missing backend fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from difftx_edge.quantize import QUANTIZERS, QuantConfig, load_quantized, pt2e, quantize
+from difftx_edge.quantize.registry import QuantizerSpec, get_quantizer_spec
+
+from difftx_edge.model import ATTENTION, DiffTransformer, ModelConfig
+
+BACKENDS = sorted(QUANTIZERS)
+KINDS = sorted(k for k in ATTENTION if k in ("softmax", "local", "linear", "lowrank", "hybrid"))
+
+
+def small_model(kind: str, causal: bool = False, seed: int = 0) -> DiffTransformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(input_dim=4, n_outputs=10, max_len=16, d_model=32, n_heads=4, n_layers=2,
+                      attention=kind, causal=causal, window=2, rank=8, chunk=8, dropout=0.0)
+    return DiffTransformer(cfg).eval()
+
+
+def qat_prepared(model: nn.Module, backend: str, x: torch.Tensor) -> torch.fx.GraphModule:
+    graph = pt2e.export_for_quantization(model, x[:2])
+    return pt2e.prepare(graph, get_quantizer_spec(backend).quantizer(qat=True), qat=True)
+
+
+def qat_steps(prepared: torch.fx.GraphModule, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """A few real optimizer steps, so the weights move away from what the observers first saw."""
+    from torchao.quantization.pt2e import move_exported_model_to_train
+
+    move_exported_model_to_train(prepared)
+    optimizer = torch.optim.Adam(prepared.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(prepared(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(1)
+    return torch.randn(64, 16, 4), torch.randint(0, 10, (64,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qat_gradients_reach_every_trainable_parameter(backend, data):
+    x, y = data
+    model = small_model("hybrid")
+    prepared = qat_prepared(model, backend, x)
+    params = [p for p in prepared.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in params) == model.num_parameters()
+    nn.functional.cross_entropy(prepared(x), y).backward()
+    no_grad = [tuple(p.shape) for p in params if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+
+
+CASES = [(backend, kind, False) for backend in BACKENDS for kind in KINDS] + \
+        [(backend, kind, True) for backend in BACKENDS for kind in ("hybrid", "linear", "lowrank")]
+
+
+@pytest.mark.parametrize("backend, kind, causal", CASES)
+def test_prepared_and_converted_agree_within_one_output_step(backend, kind, causal, data):
+    x, y = data
+    prepared = qat_prepared(small_model(kind, causal), backend, x)
+    pt2e.calibrate(prepared, [x[:32], x[32:]])
+    qat_steps(prepared, x, y, steps=5)
+    pt2e.freeze(prepared)
+    converted = pt2e.convert(prepared)
+    step = pt2e.output_step(converted)
+    assert step is not None and step > 0, "the logits should leave the graph through a dequantize"
+    with torch.no_grad():
+        gap = (prepared(x) - converted(x)).abs().max().item()
+    assert gap <= step, f"{gap / step:.2f} output steps apart"
+    # Not vacuous: the quantized model differs from the float one by more than rounding.
+    assert any(w["dtype"] == "int8" for w in pt2e.linear_weights(converted))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_converted_linear_weights_are_int8_per_channel(backend, data):
+    x, _ = data
+    prepared = qat_prepared(small_model("hybrid"), backend, x)
+    pt2e.calibrate(prepared, [x])
+    pt2e.freeze(prepared)
+    converted = pt2e.convert(prepared)
+    weights = pt2e.linear_weights(converted)
+    # qkv, out and two MLP linears per block (2 blocks), the input projection, the head.
+    assert len(weights) == 10
+    assert all(w["dtype"] == "int8" and w["per_channel"] for w in weights), weights
+    table = pt2e.op_table(converted)
+    assert table["integer"].get("aten.linear", 0) == 10
+    assert table["float"].get("aten.bmm", 0) > 0  # the attention cores stay float by design
+    assert pt2e.int8_weight_count(converted) >= sum(w["shape"][0] * w["shape"][1] for w in weights)
+
+
+def test_a_masked_op_that_int8_cannot_hold_is_refused_by_name(data):
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            mask = torch.log((x > 0).float())  # 0 where x > 0, -inf elsewhere
+            return self.proj(x) + mask
+
+    x, _ = data
+    graph = pt2e.export_for_quantization(Masked(), x[:2])
+    prepared = pt2e.prepare(graph, get_quantizer_spec("xnnpack").quantizer(qat=False), qat=False)
+    with pytest.raises(ValueError, match=r"cannot quantize op aten\.log in the top-level model: .*infinite or NaN"):
+        with pt2e.refuse_nonfinite(prepared, "xnnpack"):
+            pt2e.calibrate(prepared, [x])
+
+
+# -----------------------------------------------------------------------------
+# From a trained run, through the CLI
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "difftx_edge", *args], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="module")
+def quantized(digits_run, tmp_path_factory):
+    run, _ = digits_run
+    outs = {}
+    for backend in BACKENDS:
+        out = tmp_path_factory.mktemp(f"int8_{backend}")
+        done = cli("quantize", "--run", str(run), "--backend", backend, "--method", "qat", "--epochs", "2",
+                   "--threads", "2", "--out", str(out))
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs[backend] = out
+    return outs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qat_from_a_trained_run_stays_within_one_point_of_fp32(quantized, backend):
+    report = json.loads((quantized[backend] / "quant_report.json").read_text())
+    fp32, ptq, qat = (report["test"][k]["accuracy"] for k in ("fp32", "ptq", "qat"))
+    assert qat >= fp32 - 0.01, (fp32, ptq, qat)
+    assert report["int8_linear_layers"] == report["linear_layers"] == 10
+    assert report["qat"]["prepared_vs_converted"]["max_steps"] <= 1.0
+    assert "aten.bmm" in report["ops"]["float"] and "aten.linear" in report["ops"]["integer"]
+    assert report["seconds"]["total"] > 0 and report["int8_weights"] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_program_reloads_with_int8_weights_and_same_outputs(quantized, digits_run, backend):
+    from difftx_edge.tasks import TaskConfig, load_task
+
+    program, config = load_quantized(quantized[backend])
+    assert config["backend"]["name"] == backend and config["source"]["sha256"]
+    int8 = [t for t in program.constants.values() if isinstance(t, torch.Tensor) and t.dtype == torch.int8]
+    int8 += [t for t in program.state_dict.values() if t.dtype == torch.int8]
+    report = json.loads((quantized[backend] / "quant_report.json").read_text())
+    assert sum(t.numel() for t in int8) == report["int8_weights"]
+    task = load_task(TaskConfig(**config["task"]))
+    from difftx_edge.train import evaluate
+
+    metrics = evaluate(program.module(), task.test.inputs, task.test.targets, switch_mode=False)
+    assert metrics["accuracy"] == pytest.approx(report["test"]["qat"]["accuracy"])
+
+
+def test_saved_program_loads_in_a_fresh_process(quantized):
+    # Nothing imported beforehand: load_quantized has to register the quantized ops itself.
+    code = ("import sys, torch; from difftx_edge.quantize import load_quantized; "
+            "program, config = load_quantized(sys.argv[1]); "
+            "x = torch.zeros(3, *config['input']['shape'][1:]); print(tuple(program.module()(x).shape))")
+    done = subprocess.run([sys.executable, "-c", code, str(quantized["litert"])], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "(3, 10)"
+
+
+def test_a_tampered_program_is_refused(quantized, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quantized["xnnpack"], copy)
+    with open(copy / "quantized.pt2", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError, match="does not match its config"):
+        load_quantized(copy)
+
+
+def test_ptq_method_writes_a_ptq_program(digits_run, tmp_path):
+    run, _ = digits_run
+    report = quantize(QuantConfig(run=str(run), out=str(tmp_path), backend="onnx", method="ptq", threads=2),
+                      progress=False)
+    assert report["method"] == "ptq" and report["test"]["qat"] is None and report["qat"] is None
+    assert report["test"]["ptq"]["accuracy"] >= report["test"]["fp32"]["accuracy"] - 0.02
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, nothing half-written
+
+
+def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr
+    last = lines[-1]
+    assert last.startswith("difftx-edge quantize: error:") or "usage" not in last, last
+    for needle in needles:
+        assert needle in last, last
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--backend", "tensorrt"], "invalid choice: 'tensorrt'"),
+    (["--method", "awq"], "invalid choice: 'awq'"),
+    (["--observer-freeze", "1.5"], "observer_freeze is a fraction"),
+])
+def test_bad_flags(digits_run, tmp_path, args, needle):
+    run, _ = digits_run
+    one_line_error(cli("quantize", "--run", str(run), "--out", str(tmp_path / "o"), *args), needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_without_checkpoint(digits_run, tmp_path):
+    run, _ = digits_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((run / "config.json").read_text())
+    one_line_error(cli("quantize", "--run", str(empty), "--out", str(tmp_path / "o")), "no checkpoint")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_backend_extra_names_the_pip_extra(digits_run, tmp_path):
+    # A registered backend whose package is absent: the real check, with a module that does not exist.
+    QUANTIZERS["absent"] = QuantizerSpec("absent", "absent-extra", ("difftx_edge_no_such_module",), "nowhere",
+                                         lambda qat: None)
+    try:
+        with pytest.raises(ValueError, match=r"pip install 'difftx-edge\[absent-extra\]'"):
+            quantize(QuantConfig(run=str(digits_run[0]), out=str(tmp_path / "o"), backend="absent"))
+    finally:
+        del QUANTIZERS["absent"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_holding_another_runs_results_needs_force(quantized, tmp_path):
+    import shutil
+
+    run2 = tmp_path / "run2"
+    shutil.copytree(json.loads((quantized["onnx"] / "quant_config.json").read_text())["source"]["run"], run2)
+    with open(run2 / "model.safetensors", "r+b") as f:  # same shapes, different weights
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x00\x80\x3f")
+    before = (quantized["onnx"] / "quant_report.json").read_bytes()
+    args = ("quantize", "--run", str(run2), "--backend", "onnx", "--method", "ptq", "--out", str(quantized["onnx"]))
+    one_line_error(cli(*args), "already holds results of another run", "--force")
+    assert (quantized["onnx"] / "quant_report.json").read_bytes() == before
+    out_file = tmp_path / "file"
+    out_file.write_text("")
+    one_line_error(cli(*args[:-1], str(out_file)), "is a file")
+
+
+def test_unquantizable_attention_leaves_nothing_behind(digits_run, tmp_path, monkeypatch):
+    # The model's real attention masks hold -inf: with the attention cores no longer
+    # kept float, the observers see it and the run must stop by name, writing nothing.
+    import difftx_edge.quantize.registry as registry
+
+    monkeypatch.setattr(registry, "float_module_types", lambda: [])
+    from difftx_edge.quantize import xnnpack
+
+    monkeypatch.setattr(xnnpack, "float_module_types", lambda: [])
+    with pytest.raises(ValueError, match=r"backend xnnpack cannot quantize op .* in blocks\.\d\.attn\.core"):
+        quantize(QuantConfig(run=str(digits_run[0]), out=str(tmp_path / "o"), backend="xnnpack", method="ptq"),
+                 progress=False)
+    assert not (tmp_path / "o").exists()
