@@ -92,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
                choices={"backend": sorted(QUANTIZERS), "method": METHODS})
     quantize.add_argument("--force", action="store_true", help="replace another run's results in --out")
     quantize.set_defaults(handler=_quantize)
+
+    from difftx_edge.convert import ExportConfig
+
+    export = verbs.add_parser("export", help="export a run to bundles (artifact + manifest), checked in each runtime")
+    add_fields(export, ExportConfig, keep_defaults=True, choices={"precision": ("fp32", "fp16", "int8")})
+    export.set_defaults(handler=_export)
+
+    convert = verbs.add_parser("convert", help="convert any torch.export.save file to bundles, checked in each runtime")
+    convert.add_argument("model", help="a .pt2 file written by torch.export.save")
+    convert.add_argument("--format", default="all", help="comma-separated formats, or all")
+    convert.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    convert.add_argument("--out", required=True)
+    convert.add_argument("--deployment-target", default="iOS17")
+    convert.add_argument("--threads", type=int, default=1)
+    convert.set_defaults(handler=_convert)
+
+    formats = verbs.add_parser("formats", help="list the export formats, their precisions and extras")
+    formats.set_defaults(handler=_formats)
     return parser
 
 
@@ -120,11 +138,39 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _quantize(args: argparse.Namespace) -> None:
     from difftx_edge.quantize import QuantConfig, quantize
 
-    report = quantize(QuantConfig(**pick(args, QuantConfig, drop_none=False)), force=args.force)
+    cfg = QuantConfig(**pick(args, QuantConfig, drop_none=False))
+    report = quantize(cfg, force=args.force)
     summary = {name: (m or {}).get("accuracy") for name, m in report["test"].items()}
-    print(json.dumps({"out": args.out, "backend": report["backend"], "method": report["method"],
+    print(json.dumps({"out": cfg.out, "backend": report["backend"], "method": report["method"],
                       "test_accuracy": summary, "int8_linear_layers": report["int8_linear_layers"],
                       "seconds": report["seconds"]["total"]}))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from difftx_edge.convert import ExportConfig, export_run
+
+    for manifest in export_run(ExportConfig(**pick(args, ExportConfig, drop_none=False))):
+        print(json.dumps(_bundle_line(args.out, manifest)))
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from difftx_edge.convert import convert_pt2
+
+    for manifest in convert_pt2(args.model, args.out, args.format, args.precision, args.deployment_target,
+                                threads=args.threads):
+        print(json.dumps(_bundle_line(args.out, manifest)))
+
+
+def _bundle_line(out: str, manifest: dict) -> dict:
+    return {"bundle": f"{out}/{manifest['format']}-{manifest['precision']}", "bytes": manifest["artifact_bytes"],
+            "max_abs_error": manifest["parity"]["max_abs_error"], "check": manifest["parity"]["check"],
+            "accuracy": manifest["accuracy"]}
+
+
+def _formats(args: argparse.Namespace) -> None:
+    from difftx_edge.convert import formats_table
+
+    print(formats_table())
 
 
 def _drop_missing_cuda_kernels(record: logging.LogRecord) -> bool:

@@ -191,6 +191,19 @@ def eps_softmax_(s: torch.Tensor, eps: float) -> torch.Tensor:
     return s.div_(s.sum(dim=-1, keepdim=True).add_(torch.exp(log_eps - m)))
 
 
+def _fill_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(BH, N, D) -> (BH, N+n, D): copies of leading rows appended, for rows that get masked, zero-weighted or dropped.
+
+    Not a zero pad: XNNPACK fails to build a pad whose input is an int8 tensor
+    (its qkv projection, in a quantized model), while cat it runs on int8.
+    """
+    parts, N = [t], t.shape[1]
+    while n > 0:
+        parts.append(first(t, min(n, N)))
+        n -= min(n, N)
+    return torch.cat(parts, dim=1) if len(parts) > 1 else t
+
+
 def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
     """elu(x) + 1 from relu and exp, which XNNPACK delegates (its elu is disabled)."""
     return F.relu(x) + torch.exp(-F.relu(-x))
@@ -342,13 +355,21 @@ class LocalAttention(nn.Module):
         b = min(self.window, N)
         nb = -(-N // b)
         pad = nb * b - N
-        q, k, v = (F.pad(t.reshape(BH, N, D), (0, 0, 0, pad)) for t in (q, k, v))  # (BH, Np, D)
+        # Padding rows, and the blocks before the first and after the last, are filled with
+        # copies of real rows rather than zeros: the mask hides them (scores_bias masks key
+        # positions outside [g, N)) and padded queries are dropped, and cat runs on int8 in
+        # XNNPACK where pad does not.
+        q, k, v = (_fill_rows(t.reshape(BH, N, D), pad) for t in (q, k, v))  # (BH, Np, D)
         q = q * D ** -0.5
 
         def neighbours(t):  # (BH, Np, D) -> (BH*nb, L, D): each block's previous, own (and next) block
-            t = F.pad(t.reshape(BH, nb, b, D), (0, 0, 0, 0, 1, 1))  # (BH, nb+2, b, D)
-            parts = [t[:, 0:nb], t[:, 1:nb + 1]] + ([] if self.causal else [t[:, 2:nb + 2]])
-            return torch.cat(parts, dim=2).reshape(BH * nb, len(parts) * b, D)
+            t = t.reshape(BH, nb, b, D)
+            own = t.reshape(BH, nb, b * D)
+            prev = torch.cat([first(own, 1), first(own, nb - 1)], dim=1) if nb > 1 else own  # block i-1 (0: masked)
+            parts = [prev, own]
+            if not self.causal:
+                parts.append(torch.cat([own[:, 1:], own[:, nb - 1:]], dim=1) if nb > 1 else own)  # block i+1
+            return torch.cat([p.reshape(BH, nb, b, D) for p in parts], dim=2).reshape(BH * nb, len(parts) * b, D)
 
         k_blocks, v_blocks = neighbours(k), neighbours(v)
         s = torch.bmm(q.reshape(BH * nb, b, D), k_blocks.transpose(1, 2))  # (BH*nb, b, L)
@@ -472,7 +493,8 @@ class LowRankAttention(nn.Module):
             # proj is block-diagonal, so summing over segments (a matmul with ones) keeps each slot's own.
             w = mix(w, constant(np.ones((1, r), np.float32), w)).transpose(1, 2)  # (r, 1, s)
             w = w * tri  # (r, s, s): row a pools offsets <= a
-            t = F.pad(t, (0, 0, 0, r * s - N)).reshape(BH, r, s, D).permute(1, 2, 0, 3).reshape(r, s, BH * D)
+            # Rows past N meet zero weights in w and are dropped after, so copies fill them.
+            t = _fill_rows(t, r * s - N).reshape(BH, r, s, D).permute(1, 2, 0, 3).reshape(r, s, BH * D)
             t = torch.bmm(w, t)  # (r, s, BH*D)
             return first(t.reshape(r * s, BH, D).permute(1, 0, 2), N)
 

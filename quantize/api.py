@@ -42,7 +42,7 @@ class QuantConfig:
     """How to quantize a run. Every field is also a ``difftx-edge quantize`` flag."""
 
     run: str
-    out: str
+    out: str | None = None  # None: RUN/int8/BACKEND, where export looks for it
     backend: str = "xnnpack"
     method: str = "qat"
     epochs: int = 3  # QAT passes over the training split
@@ -56,6 +56,8 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         get_quantizer_spec(self.backend)
+        if self.out is None:
+            self.out = str(Path(self.run) / "int8" / self.backend)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.epochs < 1 or (self.steps is not None and self.steps < 1):
@@ -138,7 +140,9 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
         val = task.val
 
         def val_score(graph):
-            return primary(evaluate(graph, val.inputs, val.targets, switch_mode=False), task.metric)
+            # The task metric first; a validation split is small, so its ties go to the lower loss.
+            metrics = evaluate(graph, val.inputs, val.targets, switch_mode=False)
+            return [primary(metrics, task.metric), -metrics["loss"]]
 
         best, info = pt2e.qat_finetune(
             prepared, x_train, y_train, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, freeze_at=freeze_at,

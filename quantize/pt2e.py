@@ -125,8 +125,9 @@ def qat_finetune(prepared: torch.fx.GraphModule, inputs: torch.Tensor, targets: 
     Adam with a cosine decay from ``lr``; observers freeze from step
     ``freeze_at``. Every ``select_every`` steps, and before the first, a copy
     is frozen (eval mode, observers off: exactly what convert will compute)
-    and scored with ``score(graph) -> float`` (higher is better, e.g. the
-    validation accuracy); the best copy is returned. A small training split
+    and scored with ``score(graph)``, a number or a list compared in order
+    (higher is better, e.g. validation accuracy, then minus the validation
+    loss); the best copy is returned. A small training split
     lets fake-quant fine-tuning overfit, and this keeps QAT from ending worse
     than where it started.
 
@@ -171,7 +172,7 @@ def qat_finetune(prepared: torch.fx.GraphModule, inputs: torch.Tensor, targets: 
         if (step + 1) % select_every == 0 or step + 1 == steps:
             candidate, candidate_score = snapshot(step + 1)
             scores.append({"step": step + 1, "score": candidate_score})
-            if candidate_score >= best_score:  # on a tie the longer-trained snapshot wins
+            if candidate_score >= best_score:  # on an exact tie the longer-trained snapshot wins
                 best, best_score, best_step = candidate, candidate_score, step + 1
     return best, {"losses": losses, "scores": scores, "best_step": best_step}
 

@@ -1,1 +1,9 @@
-"""Runners, one module per runtime, and the benchmark harness. Installed as ``difftx_edge.runtimes``."""
+"""Runners, one module per runtime (ExecuTorch, LiteRT, ONNX Runtime, Core ML). Installed as ``difftx_edge.runtimes``.
+
+Importing this package loads no runtime: each runner imports its packages when it loads an artifact.
+"""
+
+from difftx_edge.runtimes import coreml, executorch, litert, onnxruntime  # noqa: F401  (each registers its runner)
+from difftx_edge.runtimes.registry import RUNTIMES, RuntimeSpec, register_runtime, runtime_for
+
+__all__ = ["RUNTIMES", "RuntimeSpec", "register_runtime", "runtime_for"]

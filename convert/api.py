@@ -1,0 +1,230 @@
+"""``export`` (a trained run, fp32 or its int8 programs) and ``convert`` (any ``torch.export.save`` file) to bundles."""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from difftx_edge.convert.bundle import build_bundle
+from difftx_edge.convert.registry import FORMATS, PRECISIONS, get_format
+
+log = logging.getLogger("difftx_edge.convert")
+
+
+def parse_formats(formats: str) -> list[str]:
+    names = sorted(FORMATS) if formats == "all" else [f.strip() for f in formats.split(",") if f.strip()]
+    for name in names:
+        get_format(name)
+    if not names:
+        raise ValueError("no format given: use --format with one or more of " + ", ".join(sorted(FORMATS)))
+    return names
+
+
+@dataclass
+class ExportConfig:
+    """What to export from a run. Every field is also a ``difftx-edge export`` flag."""
+
+    run: str
+    out: str
+    format: str = "all"  # comma-separated formats, or "all"
+    precision: str = "fp32"
+    seq_len: int | None = None  # None: the task's; int8 programs keep the length they were quantized at
+    batch: int = 1
+    quantized: str | None = None  # folder of quantize outputs, one per backend; None: RUN/int8
+    deployment_target: str = "iOS17"  # Core ML minimum deployment target
+    parity_batches: int = 16
+    accuracy: bool = True  # also measure task accuracy in the runtime on the whole test split
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        parse_formats(self.format)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        for name in parse_formats(self.format):
+            if self.precision not in FORMATS[name].precisions:
+                raise ValueError(f"format {name} does not support precision {self.precision}: "
+                                 f"use {', '.join(FORMATS[name].precisions)}")
+        if self.batch < 1 or self.parity_batches < 1:
+            raise ValueError("batch and parity_batches must be at least 1")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ValueError(f"seq_len must be at least 1, got {self.seq_len}")
+
+
+def export_run(cfg: ExportConfig) -> list[dict]:
+    """Export a trained run to one bundle per format, each checked in its runtime.
+
+    Returns:
+        The manifests written.
+
+    Raises:
+        ValueError: bad config, a length the model cannot serve, a missing
+            extra or quantized program, an export or parity failure.
+    """
+    from difftx_edge.quantize.api import sha256_file, versions
+
+    from difftx_edge.io import load_run
+    from difftx_edge.tasks import TaskConfig, load_task
+    from difftx_edge.train import set_threads
+
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file: give a directory for --out")
+    threads = set_threads(cfg.threads, 1)
+    specs = [get_format(name) for name in parse_formats(cfg.format)]
+    for spec in specs:
+        spec.require(cfg.precision)
+    model, run_config = load_run(cfg.run)
+    task = load_task(TaskConfig(**run_config["task"]))
+    N = cfg.seq_len or task.seq_len
+    limit = model.cfg.max_serving_len()
+    if limit is not None and N > limit:
+        raise ValueError(f"sequence length {N} is longer than this model can serve ({limit}: its learned position "
+                         "table or low-rank projection): choose --seq-len <= " + str(limit))
+    test_x, test_y = _fit_length(task.test.inputs, N), task.test.targets
+    same_length = N == task.seq_len
+    source = {"run": str(Path(cfg.run).resolve()), "sha256": sha256_file(Path(cfg.run) / "model.safetensors")}
+    info = run_config.get("task_info") or {}
+    manifests = []
+    for spec in specs:
+        if cfg.precision == "int8":
+            program, quant_dir, step, reference_module = _int8_program(cfg, spec, N)
+        else:
+            reference_module = model
+            example = test_x[:cfg.batch]
+            program = torch.export.export(model.eval(), (example,))
+            quant_dir, step = None, None
+        batches = [test_x[i:i + cfg.batch] for i in range(0, len(test_x) - cfg.batch + 1, cfg.batch)]
+        labels = [test_y[i:i + cfg.batch] for i in range(0, len(test_x) - cfg.batch + 1, cfg.batch)]
+        parity_inputs = [b.numpy() for b in batches[:cfg.parity_batches]]
+
+        def reference(x: np.ndarray, module=reference_module) -> np.ndarray:
+            with torch.no_grad():
+                return module(torch.from_numpy(x)).numpy()
+
+        example = test_x[:cfg.batch]
+        out_shape = list(reference(example.numpy()).shape)
+        meta = {
+            "inputs": [{"name": "x", "shape": list(example.shape), "dtype": _dtype_name(example.dtype, spec.name)}],
+            "outputs": [{"name": "logits", "shape": out_shape, "dtype": "float32"}],
+            "task": {"name": task.name, "objective": task.objective, "metric": task.metric, "seq_len": N,
+                     "label_names": info.get("label_names"), "vocab": info.get("vocab"),
+                     "input_kind": "tokens" if model.cfg.vocab_size is not None else "features"},
+            "model": run_config["model"], "source": source, "versions": versions(None),
+            "quantized_from": str(quant_dir) if quant_dir else None,
+        }
+        accuracy_split = None
+        if cfg.accuracy and same_length:  # another length has no labelled data
+            accuracy_split = ([b.numpy() for b in batches], [y.numpy() for y in labels])
+        log.info("exporting %s %s", spec.name, cfg.precision)
+        manifests.append(build_bundle(
+            spec, program, cfg.precision, out=out, reference=reference, parity_inputs=parity_inputs,
+            output_step=step, meta=meta, accuracy_split=accuracy_split, threads=threads,
+            options={"example": (example,), "deployment_target": cfg.deployment_target}))
+    return manifests
+
+
+def _int8_program(cfg: ExportConfig, spec, N: int):
+    """The backend's quantized program, re-exported with a static batch."""
+    from difftx_edge.quantize import load_quantized
+    from difftx_edge.quantize.pt2e import output_step
+
+    quant_dir = Path(cfg.quantized or Path(cfg.run) / "int8") / spec.quantizer
+    if not (quant_dir / "quant_config.json").is_file():
+        raise ValueError(f"no int8 program for {spec.name} in {quant_dir}: run difftx-edge quantize --run {cfg.run} "
+                         f"--backend {spec.quantizer} --out {quant_dir} first")
+    program, qconfig = load_quantized(quant_dir)
+    quantized_len = qconfig["input"]["shape"][1]
+    if N != quantized_len:
+        raise ValueError(f"the int8 program in {quant_dir} was quantized at sequence length {quantized_len}: "
+                         f"export int8 with --seq-len {quantized_len}, or quantize again at {N}")
+    module = program.module()
+    shape = [cfg.batch, *qconfig["input"]["shape"][1:]]
+    example = torch.zeros(shape, dtype=getattr(torch, qconfig["input"]["dtype"]))
+    static = torch.export.export(module, (example,))
+    return static, quant_dir, output_step(module), module
+
+
+def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = "all", precision: str = "fp32",
+                deployment_target: str = "iOS17", parity_batches: int = 8, threads: int = 1,
+                seed: int = 0) -> list[dict]:
+    """Convert any model saved with ``torch.export.save`` to bundles, checked on random inputs.
+
+    Raises:
+        ValueError: a corrupt file, an unsupported op (named), a missing extra, or a parity failure.
+    """
+    from difftx_edge.quantize.api import sha256_file, versions
+
+    path, out = Path(path), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file: give a directory for --out")
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: give a file written by torch.export.save")
+    specs = [get_format(name) for name in parse_formats(formats)]
+    for spec in specs:
+        spec.require(precision)
+    if precision == "int8":
+        raise ValueError("convert takes a float program; int8 comes from difftx-edge quantize and export")
+    try:
+        program = torch.export.load(path)
+    except (RuntimeError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable torch.export file ({type(err).__name__}): re-save it with "
+                         "torch.export.save") from err
+    args = _example_args(program, seed, parity_batches)
+    module = program.module()
+    manifests = []
+    for spec in specs:
+        def reference(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                y = module(torch.from_numpy(x))
+            return (y[0] if isinstance(y, (tuple, list)) else y).numpy()
+
+        out_shape = list(reference(args[0]).shape)
+        meta = {"inputs": [{"name": "x", "shape": list(args[0].shape), "dtype": _dtype_name(
+                    torch.from_numpy(args[0]).dtype, spec.name)}],
+                "outputs": [{"name": "output", "shape": out_shape, "dtype": "float32"}],
+                "task": None, "source": {"pt2": str(path.resolve()), "sha256": sha256_file(path)},
+                "versions": versions(None)}
+        try:
+            manifests.append(build_bundle(spec, program, precision, out=out, reference=reference,
+                                          parity_inputs=args, output_step=None, meta=meta, threads=threads,
+                                          options={"example": (torch.from_numpy(args[0]),),
+                                                   "deployment_target": deployment_target}))
+        except (RuntimeError, NotImplementedError, TypeError, KeyError, AssertionError) as err:
+            raise ValueError(f"{spec.name} cannot convert {path.name}: {_first_line(err)}") from err
+    return manifests
+
+
+def _example_args(program, seed: int, n: int) -> list[np.ndarray]:
+    user_inputs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    if len(user_inputs) != 1:
+        raise ValueError(f"convert supports programs with one tensor input, this one has {len(user_inputs)}")
+    (node,) = [n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0].arg.name]
+    fake = node.meta["val"]
+    shape = [int(d) for d in fake.shape]  # a dynamic dimension uses its export-time hint
+    rng = np.random.default_rng(seed)
+    if fake.dtype.is_floating_point:
+        return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
+    return [rng.integers(0, 16, shape).astype(np.int64) for _ in range(n)]
+
+
+def _fit_length(x: torch.Tensor, N: int) -> torch.Tensor:
+    """Test inputs cut or tiled along the sequence to length N (for a serving length other than the task's)."""
+    if x.shape[1] >= N:
+        return x[:, :N].contiguous()
+    reps = -(-N // x.shape[1])
+    return x.repeat(1, reps, *([1] * (x.dim() - 2)))[:, :N].contiguous()
+
+
+def _dtype_name(dtype: torch.dtype, fmt: str) -> str:
+    name = str(dtype).removeprefix("torch.")
+    return "int32" if fmt == "litert" and name == "int64" else name  # LiteRT takes token ids as int32
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

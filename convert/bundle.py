@@ -1,0 +1,202 @@
+"""Export to bundles: the artifact, checked against PyTorch in its runtime, plus ``manifest.json``.
+
+A bundle is ``OUT/<format>-<precision>/`` holding the artifact and its
+manifest. It is built in a hidden staging directory beside it and renamed into
+place only after parity passed, so a failed or interrupted export leaves no
+bundle, and an existing bundle is replaced in one step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from difftx_edge.convert.registry import FormatSpec
+
+# Parity tolerances: fp32 in absolute logits; int8 in output quantization steps, plus top-1 agreement.
+FP32_ATOL = 1e-4
+FP16_ATOL = 5e-2
+INT8_MAX_STEPS = 2.0
+INT8_MIN_AGREEMENT = 0.99
+MANIFEST = "manifest.json"
+
+
+def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precision: str, *, out: Path,
+                 reference, parity_inputs: list[np.ndarray], output_step: float | None, meta: dict,
+                 accuracy_split=None, options: dict | None = None, threads: int = 1) -> dict:
+    """Export one artifact, check it in its runtime, and move the bundle into ``out``.
+
+    Args:
+        spec: the format.
+        program: a static-shape ExportedProgram (fp32 model, or the converted int8 program).
+        precision: fp32, fp16 or int8.
+        out: the directory that receives ``<format>-<precision>/``.
+        reference: ``reference(x: np.ndarray) -> np.ndarray``, PyTorch's output for one batch.
+        parity_inputs: held-out input batches, each the exported batch size.
+        output_step: the int8 output quantization step (int8 only).
+        meta: task, labels, source checkpoint, versions... copied into the manifest.
+        accuracy_split: ``(inputs, targets)`` batches for the task accuracy in the runtime, or None.
+        options: exporter options (example inputs, deployment target).
+        threads: runtime threads.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ValueError: the export failed (naming the op where the toolchain does) or parity failed.
+    """
+    out = Path(out)
+    name = f"{spec.name}-{precision}"
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
+    try:
+        artifact = stage / spec.filename
+        started = time.perf_counter()
+        facts = spec.export(program, artifact, precision, dict(options or {}))
+        export_seconds = time.perf_counter() - started
+        run = _runner(spec, artifact, threads)
+        runtime_out = [run(x) for x in parity_inputs]
+        torch_out = [reference(x) for x in parity_inputs]
+        parity = compare(runtime_out, torch_out, precision, output_step)
+        parity["check"] = ("reference evaluation of the saved program with coremltools' per-op numpy code "
+                           "(not the Core ML runtime)") if spec.check == "reference" else f"{spec.name} runtime"
+        if not parity["passed"]:
+            raise ValueError(f"{name} failed parity against PyTorch: {parity['failure']}; no bundle written")
+        accuracy = None
+        if accuracy_split is not None:
+            inputs, targets = accuracy_split
+            accuracy = {"artifact": _accuracy([run(x) for x in inputs], targets),
+                        "pytorch": _accuracy([reference(x) for x in inputs], targets),
+                        "examples": int(sum(len(t) for t in targets)), "measured_by": parity["check"]}
+        manifest = {
+            "format": spec.name, "precision": precision, "artifact": spec.filename,
+            "artifact_bytes": _size(artifact), "artifact_sha256": _sha256(artifact),
+            "inputs": meta.pop("inputs"), "outputs": meta.pop("outputs"),
+            **meta, **facts, "parity": parity, "accuracy": accuracy,
+            "export_seconds": round(export_seconds, 3),
+        }
+        validate_manifest(manifest)
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_in(stage, out / name)
+        return manifest
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def compare(runtime_out: list[np.ndarray], torch_out: list[np.ndarray], precision: str,
+            output_step: float | None) -> dict:
+    """Max and mean absolute error and top-1 agreement, judged by the precision's tolerance."""
+    a = np.concatenate([np.asarray(x, np.float64).reshape(len(x), -1) for x in runtime_out])
+    b = np.concatenate([np.asarray(x, np.float64).reshape(len(x), -1) for x in torch_out])
+    if a.shape != b.shape:
+        return {"passed": False, "failure": f"output shape {a.shape} differs from PyTorch's {b.shape}"}
+    classes = torch_out[0].shape[-1]
+    diff = np.abs(a - b)
+    top_a = a.reshape(-1, classes).argmax(-1)
+    top_b = b.reshape(-1, classes).argmax(-1)
+    result = {"max_abs_error": float(diff.max()), "mean_abs_error": float(diff.mean()),
+              "top1_agreement": float((top_a == top_b).mean()), "samples": int(len(a))}
+    if precision == "int8":
+        steps = result["max_abs_error"] / output_step if output_step else float("inf")
+        result.update(output_step=output_step, max_steps=steps,
+                      tolerance=f"<= {INT8_MAX_STEPS:g} output steps and >= {INT8_MIN_AGREEMENT:.0%} top-1 agreement")
+        ok = steps <= INT8_MAX_STEPS and result["top1_agreement"] >= INT8_MIN_AGREEMENT
+        within = float((diff <= INT8_MAX_STEPS * output_step).mean()) if output_step else 0.0
+        failure = (f"{steps:.2f} output steps apart at most ({result['mean_abs_error'] / output_step:.2f} on average, "
+                   f"{within:.2%} of logits within {INT8_MAX_STEPS:g}), top-1 agreement "
+                   f"{result['top1_agreement']:.2%}") if output_step else "no output quantization step to compare in"
+    else:
+        atol = FP32_ATOL if precision == "fp32" else FP16_ATOL
+        result["tolerance"] = f"max abs error <= {atol:g}"
+        ok = result["max_abs_error"] <= atol
+        failure = f"max abs error {result['max_abs_error']:.3g} > {atol:g}"
+    result["passed"] = bool(ok)
+    if not ok:
+        result["failure"] = failure
+    return result
+
+
+# -----------------------------------------------------------------------------
+# The manifest's schema: every bundle's manifest is checked against it before it is written.
+
+MANIFEST_SCHEMA = {
+    "format": str, "precision": str, "artifact": str, "artifact_bytes": int, "artifact_sha256": str,
+    "inputs": list, "outputs": list, "task": (dict, type(None)), "source": dict, "versions": dict,
+    "parity": dict, "accuracy": (dict, type(None)), "export_seconds": float,
+}
+TENSOR_SCHEMA = {"name": str, "shape": list, "dtype": str}
+PARITY_SCHEMA = {"max_abs_error": float, "mean_abs_error": float, "top1_agreement": float, "samples": int,
+                 "passed": bool, "tolerance": str, "check": str}
+
+
+def validate_manifest(manifest: dict) -> None:
+    """Raises ValueError naming the first field that is missing or of the wrong type."""
+    def check(obj: dict, schema: dict, where: str) -> None:
+        for key, kind in schema.items():
+            if key not in obj:
+                raise ValueError(f"manifest{where} lacks {key!r}")
+            if not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
+                raise ValueError(f"manifest{where}[{key!r}] is {type(obj[key]).__name__}, expected {kind}")
+
+    check(manifest, MANIFEST_SCHEMA, "")
+    for side in ("inputs", "outputs"):
+        for i, tensor in enumerate(manifest[side]):
+            check(tensor, TENSOR_SCHEMA, f"[{side!r}][{i}]")
+    check(manifest["parity"], PARITY_SCHEMA, "['parity']")
+    if manifest["format"] in ("executorch",) and "delegation" not in manifest:
+        raise ValueError("manifest of an ExecuTorch bundle lacks 'delegation'")
+    if manifest["format"] in ("litert",) and "partitions" not in manifest:
+        raise ValueError("manifest of a LiteRT bundle lacks 'partitions'")
+
+
+def _runner(spec: FormatSpec, artifact: Path, threads: int):
+    if spec.check == "reference":
+        from difftx_edge.convert.coreml_reference import describe, reference_predict
+
+        (first_input,) = (spec_["name"] for spec_ in describe(artifact)["inputs"])
+
+        def run(x: np.ndarray) -> np.ndarray:
+            outputs = reference_predict(artifact, {first_input: x})
+            return np.asarray(next(iter(outputs.values())))
+
+        return run
+    from difftx_edge.runtimes import runtime_for
+
+    runner = runtime_for(spec.name).load(artifact, threads)
+    return lambda x: runner.run([x])[0]
+
+
+def _accuracy(outputs: list[np.ndarray], targets: list[np.ndarray]) -> float:
+    correct = sum(int((np.asarray(o).argmax(-1) == t).sum()) for o, t in zip(outputs, targets, strict=True))
+    return correct / sum(t.size for t in targets)
+
+
+def _swap_in(stage: Path, target: Path) -> None:
+    """Rename the finished bundle into place; an older bundle is replaced, never merged."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+        os.replace(target, old / target.name)
+    os.replace(stage, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,71 @@
+"""LiteRT / TFLite: a .tflite from litert-torch; int8 folds the PT2E program into integer TFLite kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difftx_edge.convert.registry import register_format
+
+
+@register_format("litert", filename="model.tflite", precisions=("fp32", "int8"), quantizer="litert",
+                 extra="litert", requires=("litert_torch", "ai_edge_litert"))
+def export(program, path: Path, precision: str, options: dict) -> dict:
+    import litert_torch
+
+    module = program.module()
+    example = tuple(options["example"])
+    quant_config = None
+    if precision == "int8":
+        module = unfold_int8_weights(module)
+        from difftx_edge.quantize import get_quantizer_spec
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        # Without the quantizer the file keeps float weights plus quantize/dequantize pairs.
+        quant_config = QuantConfig(pt2e_quantizer=get_quantizer_spec("litert").quantizer(qat=False))
+    litert_torch.convert(module, example, quant_config=quant_config).export(str(path))
+    return {"partitions": partitions(path)}
+
+
+def partitions(path: Path) -> dict:
+    from difftx_edge.runtimes.litert import LiteRTRunner
+
+    return LiteRTRunner(path, threads=1).partitions()
+
+
+def unfold_int8_weights(graph_module):
+    """Give each folded int8 weight back its quantize node, as litert-torch's lowering expects.
+
+    ``convert_pt2e`` folds ``quantize(w)`` into an int8 constant; litert-torch
+    only recognises quantized weights written as ``quantize -> dequantize`` on
+    a float constant. The float constant is the dequantized int8 one, so
+    quantizing it again gives back exactly the same int8 values.
+    """
+    import torch
+
+    qd = torch.ops.quantized_decomposed
+    pairs = {qd.dequantize_per_channel.default: qd.quantize_per_channel.default,
+             qd.dequantize_per_tensor.default: qd.quantize_per_tensor.default}
+    graph = graph_module.graph
+    for index, node in enumerate(list(graph.nodes)):
+        if node.op != "call_function" or node.target not in pairs or node.args[0].op != "get_attr":
+            continue
+        stored = _attr(graph_module, node.args[0].target)
+        if stored.dtype != torch.int8:
+            continue
+        args = [_attr(graph_module, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args[1:]]
+        weight = node.target(stored, *args)  # exact: int8 values times their scale
+        name = f"_unfolded_weight_{index}"
+        graph_module.register_buffer(name, weight)
+        with graph.inserting_before(node):
+            float_weight = graph.get_attr(name)
+            requantized = graph.call_function(pairs[node.target], (float_weight, *node.args[1:]))
+        node.replace_input_with(node.args[0], requantized)
+    graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
+
+
+def _attr(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module

@@ -1,0 +1,26 @@
+"""ONNX: one self-contained opset-18 file from the dynamo exporter, checked with onnx's full checker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difftx_edge.convert.registry import register_format
+
+OPSET = 18
+
+
+@register_format("onnx", filename="model.onnx", precisions=("fp32", "int8"), quantizer="onnx", extra="onnx",
+                 requires=("onnx", "onnxruntime", "onnxscript"))
+def export(program, path: Path, precision: str, options: dict) -> dict:
+    import onnx
+    import torch
+
+    onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, external_data=False,
+                                     verbose=False)
+    onnx_program.save(str(path), external_data=False)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    ops = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"opset": OPSET, "ops": dict(sorted(ops.items()))}

@@ -1,0 +1,93 @@
+"""The format registry: one exporter per artifact format, each in its own module.
+
+An exporter turns a static-shape ``torch.export.ExportedProgram`` into an
+artifact file. Its packages are imported when it runs, never at registration.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """An artifact format.
+
+    Attributes:
+        name: the ``--format`` name.
+        filename: the artifact's file name inside its bundle.
+        precisions: the precisions it can be exported at.
+        quantizer: the backend quantizer whose int8 program it converts.
+        extra: the pip extra that installs its toolchain and runtime.
+        requires: importable modules the exporter needs.
+        check: ``"runtime"`` (parity in the real runtime) or ``"reference"``
+            (a reference evaluation, where the runtime cannot run here).
+        export: ``export(program, path, precision, options) -> dict`` of facts for the manifest.
+    """
+
+    name: str
+    filename: str
+    precisions: tuple[str, ...]
+    quantizer: str
+    extra: str
+    requires: tuple[str, ...]
+    check: str
+    export: Callable
+
+    def missing(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def installed(self) -> bool:
+        return not self.missing()
+
+    def require(self, precision: str) -> None:
+        """Raises ValueError for a precision the format lacks or a toolchain that is not installed."""
+        if precision not in self.precisions:
+            raise ValueError(f"format {self.name} does not support precision {precision}: "
+                             f"use {', '.join(self.precisions)}")
+        missing = self.missing()
+        if missing:
+            raise ValueError(f"format {self.name} needs {', '.join(missing)}, which is not installed: "
+                             f"pip install 'difftx-edge[{self.extra}]'")
+
+
+FORMATS: dict[str, FormatSpec] = {}
+
+
+def register_format(name: str, *, filename: str, precisions: tuple[str, ...], quantizer: str, extra: str,
+                    requires: tuple[str, ...], check: str = "runtime"):
+    """Register ``export(program, path, precision, options) -> dict`` as format ``name``; returns it unchanged."""
+
+    def wrap(export: Callable) -> Callable:
+        FORMATS[name] = FormatSpec(name, filename, tuple(precisions), quantizer, extra, tuple(requires), check,
+                                   export)
+        return export
+
+    return wrap
+
+
+def get_format(name: str) -> FormatSpec:
+    """Raises ValueError naming the known formats when ``name`` is not one."""
+    if name not in FORMATS:
+        raise ValueError(f"unknown format {name!r}: use one of {', '.join(sorted(FORMATS))}")
+    return FORMATS[name]
+
+
+def formats_table(installed: bool = True) -> str:
+    """The markdown table of formats, precisions and extras, and whether each is installed here.
+
+    The README embeds it with ``installed=False`` (a test keeps the two equal).
+    """
+    header = ["format", "file", "precisions", "int8 from quantizer", "extra", "check on Linux"]
+    header += ["installed"] if installed else []
+    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for spec in FORMATS.values():
+        cells = [f"`{spec.name}`", f"`{spec.filename}`", ", ".join(spec.precisions), f"`{spec.quantizer}`",
+                 f"`{spec.extra}`", "parity in its runtime" if spec.check == "runtime" else "reference evaluation"]
+        cells += ["yes" if spec.installed() else "no"] if installed else []
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
