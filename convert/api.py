@@ -169,11 +169,19 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
         spec.require(precision)
     if precision == "int8":
         raise ValueError("convert takes a float program; int8 comes from difftx-edge quantize and export")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable torch.export file (not a .pt2 archive): re-save it with "
+                         "torch.export.save")
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)  # it logs a traceback before raising; the error below says it in one line
     try:
         program = torch.export.load(path)
     except (RuntimeError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path} is not a readable torch.export file ({type(err).__name__}): re-save it with "
                          "torch.export.save") from err
+    finally:
+        export_log.setLevel(level)
     args = _example_args(program, seed, parity_batches)
     module = program.module()
     manifests = []

@@ -52,7 +52,7 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
     Raises:
         ValueError: the export failed (naming the op where the toolchain does) or parity failed.
     """
-    out = Path(out)
+    out, meta = Path(out), dict(meta)
     name = f"{spec.name}-{precision}"
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))

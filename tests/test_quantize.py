@@ -264,16 +264,36 @@ def test_out_holding_another_runs_results_needs_force(quantized, tmp_path):
     one_line_error(cli(*args[:-1], str(out_file)), "is a file")
 
 
-def test_unquantizable_attention_leaves_nothing_behind(digits_run, tmp_path, monkeypatch):
-    # The model's real attention masks hold -inf: with the attention cores no longer
-    # kept float, the observers see it and the run must stop by name, writing nothing.
-    import difftx_edge.quantize.registry as registry
+def every_add_quantizer(qat: bool):
+    """A real PT2E quantizer that quantizes every add, the attention masks' included."""
+    from torchao.quantization.pt2e import HistogramObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
-    monkeypatch.setattr(registry, "float_module_types", lambda: [])
-    from difftx_edge.quantize import xnnpack
+    spec = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
+                            observer_or_fake_quant_ctr=HistogramObserver.with_args(eps=2 ** -12))
 
-    monkeypatch.setattr(xnnpack, "float_module_types", lambda: [])
-    with pytest.raises(ValueError, match=r"backend xnnpack cannot quantize op .* in blocks\.\d\.attn\.core"):
-        quantize(QuantConfig(run=str(digits_run[0]), out=str(tmp_path / "o"), backend="xnnpack", method="ptq"),
-                 progress=False)
+    class EveryAdd(Quantizer):
+        def annotate(self, model):
+            for node in model.graph.nodes:
+                if node.op == "call_function" and node.target == torch.ops.aten.add.Tensor:
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(output_qspec=spec, _annotated=True)
+            return model
+
+        def validate(self, model):
+            pass
+
+    return EveryAdd()
+
+
+def test_unquantizable_attention_leaves_nothing_behind(digits_run, tmp_path):
+    # The model's attention masks hold -inf: a quantizer that observes the mask add must be
+    # stopped by name at calibration, and nothing may be written.
+    QUANTIZERS["every-add"] = QuantizerSpec("every-add", "onnx", ("torchao",), "test", every_add_quantizer)
+    try:
+        with pytest.raises(ValueError, match=r"backend every-add cannot quantize op aten\.add in "
+                                             r"blocks\.\d\.attn\.core\.local: .*infinite or NaN"):
+            quantize(QuantConfig(run=str(digits_run[0]), out=str(tmp_path / "o"), backend="every-add",
+                                 method="ptq"), progress=False)
+    finally:
+        del QUANTIZERS["every-add"]
     assert not (tmp_path / "o").exists()

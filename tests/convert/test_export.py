@@ -159,9 +159,16 @@ def test_export_to_a_file_and_a_missing_int8_program(runs, tmp_path):
 
 
 def test_convert_a_corrupt_pt2(tmp_path):
+    import zipfile
+
     bad = tmp_path / "bad.pt2"
     bad.write_bytes(b"not a zip archive")
     one_line_error(cli("convert", str(bad), "--format", "onnx", "--out", str(tmp_path / "o")),
+                   "is not a readable torch.export file")
+    broken = tmp_path / "broken.pt2"  # a zip archive, but not an exported program
+    with zipfile.ZipFile(broken, "w") as archive:
+        archive.writestr("archive_format", "pt2")
+    one_line_error(cli("convert", str(broken), "--format", "onnx", "--out", str(tmp_path / "o")),
                    "is not a readable torch.export file")
     assert not (tmp_path / "o").exists()
 
