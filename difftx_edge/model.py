@@ -146,15 +146,15 @@ def _exporting() -> bool:
 
 
 def constant(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """A numpy-built constant on ``like``'s device and dtype.
+    """A numpy-built constant on ``like``'s device and dtype, in memory of its own.
 
     Built with numpy so that torch.export lifts it as a constant instead of
     tracing the ops that made it (arange, tril, where), which would run outside
-    the XNNPACK delegate.
+    the XNNPACK delegate. Always a copy: the masks are cached, and an exporter
+    that rewrites a lifted constant in place (one replaced the masks' -inf)
+    must not change the cache every later forward reads.
     """
-    if 0 in array.strides:  # numpy gives new axes stride 0, which the ExecuTorch runtime refuses
-        array = array.copy()
-    return torch.from_numpy(array).to(device=like.device, dtype=like.dtype)
+    return torch.from_numpy(np.array(array, copy=True)).to(device=like.device, dtype=like.dtype)
 
 
 def eps_softmax(s: torch.Tensor, eps: float) -> torch.Tensor:

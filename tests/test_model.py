@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +108,14 @@ def test_every_compute_op_lowers_to_one_xnnpack_subgraph_and_runs(kind, causal, 
     path.write_bytes(program.to_executorch().buffer)
     out = Runtime.get().load_program(path).load_method("forward").execute([x])[0]
     torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_constants_never_share_memory_with_the_cached_masks():
+    # Exporters may rewrite a lifted constant in place; the cached mask must not change with it.
+    from difftx_edge.model import LocalAttention, constant
+
+    cached = LocalAttention.scores_bias(16, 2, 8, 0, 2, False)
+    before = cached.copy()
+    constant(cached, torch.zeros(1)).fill_(0.0)
+    assert np.array_equal(LocalAttention.scores_bias(16, 2, 8, 0, 2, False), before)
+    assert np.isneginf(before).any()
