@@ -6,9 +6,10 @@ artifact file. Its packages are imported when it runs, never at registration.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable
+
+from difftx_edge.extras import missing_modules, require_extra
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -39,7 +40,7 @@ class FormatSpec:
     export: Callable
 
     def missing(self) -> list[str]:
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        return missing_modules(self.requires)
 
     def installed(self) -> bool:
         return not self.missing()
@@ -49,10 +50,7 @@ class FormatSpec:
         if precision not in self.precisions:
             raise ValueError(f"format {self.name} does not support precision {precision}: "
                              f"use {', '.join(self.precisions)}")
-        missing = self.missing()
-        if missing:
-            raise ValueError(f"format {self.name} needs {', '.join(missing)}, which is not installed: "
-                             f"pip install 'difftx-edge[{self.extra}]'")
+        require_extra(f"format {self.name}", self.requires, self.extra)
 
 
 FORMATS: dict[str, FormatSpec] = {}

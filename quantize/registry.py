@@ -7,9 +7,10 @@ light and a missing extra is reported as one line naming it.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable
+
+from difftx_edge.extras import missing_modules, require_extra
 
 
 @dataclass(frozen=True)
@@ -31,17 +32,14 @@ class QuantizerSpec:
     build: Callable
 
     def missing(self) -> list[str]:
-        return [module for module in self.requires if importlib.util.find_spec(module) is None]
+        return missing_modules(self.requires)
 
     def installed(self) -> bool:
         return not self.missing()
 
     def require(self) -> None:
         """Raises ValueError, naming the pip extra, when the backend's packages are not installed."""
-        missing = self.missing()
-        if missing:
-            raise ValueError(f"backend {self.name} needs {', '.join(missing)}, which is not installed: "
-                             f"pip install 'difftx-edge[{self.extra}]'")
+        require_extra(f"backend {self.name}", self.requires, self.extra)
 
     def quantizer(self, qat: bool):
         """The backend's quantizer (fake-quant modules for QAT, observers for PTQ)."""

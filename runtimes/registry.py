@@ -6,8 +6,9 @@ runtime; its packages are imported when it loads, never at registration.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
+
+from difftx_edge.extras import missing_modules
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class RuntimeSpec:
     runner: type
 
     def installed(self) -> bool:
-        return any(all(importlib.util.find_spec(m) is not None for m in group) for group in self.requires)
+        return any(not missing_modules(group) for group in self.requires)
 
     def require(self) -> None:
         """Raises ValueError, naming the pip extra, when the runtime is not installed."""
