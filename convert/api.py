@@ -13,6 +13,8 @@ import torch
 from difftx_edge.convert.bundle import build_bundle
 from difftx_edge.convert.registry import FORMATS, PRECISIONS, get_format
 
+from difftx_edge.io import require_output_dir
+
 log = logging.getLogger("difftx_edge.convert")
 
 
@@ -46,9 +48,7 @@ class ExportConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         for name in parse_formats(self.format):
-            if self.precision not in FORMATS[name].precisions:
-                raise ValueError(f"format {name} does not support precision {self.precision}: "
-                                 f"use {', '.join(FORMATS[name].precisions)}")
+            FORMATS[name].supports(self.precision)
         if self.batch < 1 or self.parity_batches < 1:
             raise ValueError("batch and parity_batches must be at least 1")
         if self.seq_len is not None and self.seq_len < 1:
@@ -71,9 +71,7 @@ def export_run(cfg: ExportConfig) -> list[dict]:
     from difftx_edge.tasks import TaskConfig, load_task
     from difftx_edge.train import set_threads
 
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} is a file: give a directory for --out")
+    out = require_output_dir(cfg.out)
     threads = set_threads(cfg.threads, 1)
     specs = [get_format(name) for name in parse_formats(cfg.format)]
     for spec in specs:
@@ -159,9 +157,7 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
     """
     from difftx_edge.quantize.api import sha256_file, versions
 
-    path, out = Path(path), Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} is a file: give a directory for --out")
+    path, out = Path(path), require_output_dir(out)
     if not path.is_file():
         raise ValueError(f"{path} does not exist: give a file written by torch.export.save")
     specs = [get_format(name) for name in parse_formats(formats)]

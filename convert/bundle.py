@@ -108,7 +108,8 @@ def compare(runtime_out: list[np.ndarray], torch_out: list[np.ndarray], precisio
         steps = result["max_abs_error"] / output_step if output_step else float("inf")
         result.update(output_step=output_step, max_steps=steps,
                       tolerance=f"<= {INT8_MAX_STEPS:g} output steps and >= {INT8_MIN_AGREEMENT:.0%} top-1 agreement")
-        ok = steps <= INT8_MAX_STEPS and result["top1_agreement"] >= INT8_MIN_AGREEMENT
+        # Both sides dequantize integers with float32 scales: 2 steps can read 2.0000026.
+        ok = steps <= INT8_MAX_STEPS + 1e-3 and result["top1_agreement"] >= INT8_MIN_AGREEMENT
         within = float((diff <= INT8_MAX_STEPS * output_step).mean()) if output_step else 0.0
         failure = (f"{steps:.2f} output steps apart at most ({result['mean_abs_error'] / output_step:.2f} on average, "
                    f"{within:.2%} of logits within {INT8_MAX_STEPS:g}), top-1 agreement "
@@ -155,6 +156,8 @@ def validate_manifest(manifest: dict) -> None:
         raise ValueError("manifest of an ExecuTorch bundle lacks 'delegation'")
     if manifest["format"] in ("litert",) and "partitions" not in manifest:
         raise ValueError("manifest of a LiteRT bundle lacks 'partitions'")
+    if manifest["format"] in ("coreml",) and "program" not in manifest:
+        raise ValueError("manifest of a Core ML bundle lacks 'program' (its ops, I/O and weight dtypes)")
 
 
 def _runner(spec: FormatSpec, artifact: Path, threads: int):

@@ -23,4 +23,19 @@ def export(program, path: Path, precision: str, options: dict) -> dict:
                        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
                        skip_model_load=True)
     model.save(str(path))
-    return {"deployment_target": target}
+    return {"deployment_target": target, "program": structure(path, precision)}
+
+
+def structure(path: Path, precision: str) -> dict:
+    """The saved program's ops, I/O and stored weight dtypes; int8 must really store its weights as int8.
+
+    Core ML cannot run on Linux, so this structural check comes before the
+    reference evaluation of the numbers.
+    """
+    from difftx_edge.convert.coreml_reference import describe
+
+    found = describe(path)
+    if precision == "int8" and not found["weights"].get("int8"):
+        raise ValueError(f"the int8 Core ML program stores no int8 weights ({found['weights']}): "
+                         "quantize with --backend coreml and export again")
+    return found

@@ -45,11 +45,15 @@ class FormatSpec:
     def installed(self) -> bool:
         return not self.missing()
 
-    def require(self, precision: str) -> None:
-        """Raises ValueError for a precision the format lacks or a toolchain that is not installed."""
+    def supports(self, precision: str) -> None:
+        """Raises ValueError for a precision the format lacks."""
         if precision not in self.precisions:
             raise ValueError(f"format {self.name} does not support precision {precision}: "
                              f"use {', '.join(self.precisions)}")
+
+    def require(self, precision: str) -> None:
+        """Raises ValueError for a precision the format lacks or a toolchain that is not installed."""
+        self.supports(precision)
         require_extra(f"format {self.name}", self.requires, self.extra)
 
 

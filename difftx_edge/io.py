@@ -40,6 +40,14 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def require_output_dir(out: str | os.PathLike) -> Path:
+    """``out`` as a Path; raises ValueError when it exists and is not a directory."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file: give a directory for --out")
+    return out
+
+
 def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached, contiguous CPU copy of the weights (safetensors refuses shared or strided storage)."""
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}

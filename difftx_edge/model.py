@@ -164,7 +164,20 @@ def eps_softmax(s: torch.Tensor, eps: float) -> torch.Tensor:
     exactly this; softmax subtracts the row maximum, so it never overflows, and
     XNNPACK delegates pad, softmax and slice (it refuses amax and sum).
     """
-    return F.softmax(F.pad(s, (0, 1), value=math.log(eps)), dim=-1)[..., :-1]
+    return F.softmax(pad_last(s, math.log(eps)), dim=-1)[..., :-1]
+
+
+def pad_last(t: torch.Tensor, value: float) -> torch.Tensor:
+    """(..., D) -> (..., D+1), the new last column all ``value``.
+
+    A zero pad plus a constant row rather than ``F.pad(value=...)``: LiteRT's
+    XNNPACK delegate refuses the PADV2 a non-zero pad becomes, which split
+    every layer into its own partition; PAD and ADD it delegates. Exact, since
+    adding 0 changes nothing, -inf included.
+    """
+    last = np.zeros(t.shape[-1] + 1, np.float32)
+    last[-1] = value
+    return F.pad(t, (0, 1)) + constant(last, t)
 
 
 def first(t: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
@@ -294,12 +307,23 @@ class SoftmaxAttention(nn.Module):
         return self.explicit(q, k, v) if _exporting() else self.fused(q, k, v)
 
     def explicit(self, q, k, v):
+        """The eps term as a null key, as in ``fused_eps_attention``, so no N x N tensor is padded or sliced.
+
+        Padding and slicing the scores (``eps_softmax``) costs three extra
+        passes over N x N memory, which made the .pte slower than eager's
+        fused kernel at N=1024; here the pads touch (N, D) tensors only.
+        """
         B, H, N, D = q.shape
         q, k, v = (t.reshape(B * H, N, D) for t in (q, k, v))  # (BH, N, D)
-        s = torch.bmm(q * D ** -0.5, k.transpose(1, 2))  # (BH, N, N)
-        if self.causal:
-            s = s + constant(additive_mask(np.tri(N, dtype=bool)), s)
-        return torch.bmm(eps_softmax(s, self.eps), v).reshape(B, H, N, D)
+        null = np.zeros((N + 1, D + 1), np.float32)
+        null[N, D] = math.log(self.eps)  # the null key's logit: its coordinate times the queries' 1
+        q1 = pad_last(q * D ** -0.5, 1.0)  # (BH, N, D+1)
+        k1 = F.pad(k, (0, 1, 0, 1)) + constant(null, k)  # (BH, N+1, D+1): null key last
+        s = torch.bmm(q1, k1.transpose(1, 2))  # (BH, N, N+1)
+        if self.causal:  # every query sees the null key
+            s = s + constant(additive_mask(np.tri(N, N + 1, dtype=bool) | (np.arange(N + 1) == N)), s)
+        v1 = F.pad(v, (0, 0, 0, 1))  # (BH, N+1, D): zero value for the null key
+        return torch.bmm(F.softmax(s, dim=-1), v1).reshape(B, H, N, D)
 
     def fused(self, q, k, v):
         N = q.shape[2]
@@ -414,7 +438,7 @@ class LinearAttention(nn.Module):
         B, H, N, D = q.shape
         BH = B * H
         q, k = elu_plus_one(q.reshape(BH, N, D)), elu_plus_one(k.reshape(BH, N, D))
-        v = F.pad(v.reshape(BH, N, D), (0, 1), value=1.0)  # (BH, N, D+1): last column sums phi(k)
+        v = pad_last(v.reshape(BH, N, D), 1.0)  # (BH, N, D+1): last column sums phi(k)
         if not self.causal:
             num = torch.bmm(q, torch.bmm(k.transpose(1, 2), v))  # (BH, N, D+1)
         else:

@@ -31,6 +31,8 @@ import torch
 from difftx_edge.quantize import pt2e
 from difftx_edge.quantize.registry import get_quantizer_spec
 
+from difftx_edge.io import require_output_dir
+
 log = logging.getLogger("difftx_edge.quantize")
 
 METHODS = ("qat", "ptq")
@@ -121,7 +123,7 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
     ptq_prepared = pt2e.prepare(pt2e.export_for_quantization(model, example), spec.quantizer(qat=False), qat=False)
     with pt2e.refuse_nonfinite(ptq_prepared, cfg.backend):
         pt2e.calibrate(ptq_prepared, calib)
-    ptq = pt2e.convert(ptq_prepared)
+    ptq = _deployable(pt2e.convert(ptq_prepared), spec)
     ptq_metrics = evaluate(ptq, test.inputs, test.targets, switch_mode=False)
     timings["ptq"] = _seconds(t)
     del ptq_prepared
@@ -153,12 +155,13 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
             bar.close()
         chosen = pt2e.convert(best)
         timings["qat"] = _seconds(t)
-        qat_metrics = evaluate(chosen, test.inputs, test.targets, switch_mode=False)
         losses = info["losses"]
         qat_info = {"steps": steps, "observers_frozen_from": freeze_at, "selected_step": info["best_step"],
                     "val_scores": info["scores"], "first_loss": losses[0],
                     "last_loss": sum(losses[-10:]) / len(losses[-10:]),
                     "prepared_vs_converted": prepared_vs_converted(best, chosen, test.inputs[:256])}
+        chosen = _deployable(chosen, spec)
+        qat_metrics = evaluate(chosen, test.inputs, test.targets, switch_mode=False)
         del prepared, best
 
     t = time.perf_counter()
@@ -276,9 +279,15 @@ def versions(spec) -> dict:
     return found
 
 
+def _deployable(converted: torch.fx.GraphModule, spec) -> torch.fx.GraphModule:
+    """The converted graph as the backend's integer kernels compute it: biases on their int32 grid where they are."""
+    if spec.int32_bias:
+        pt2e.snap_biases(converted)
+    return converted
+
+
 def _check_out(out: Path, cfg: QuantConfig, source: dict, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} is a file: give a directory for --out")
+    require_output_dir(out)
     previous = out / CONFIG
     if force or not previous.exists():
         return

@@ -27,7 +27,7 @@ def _needed(name: str, graph) -> bool:
 
 
 @register_quantizer("coreml", extra="coreml", requires=("coremltools", "executorch", "torchao"),
-                    runtime="Core ML (mlprogram)")
+                    runtime="Core ML (mlprogram)", int32_bias=False)
 def build(qat: bool):
     import torch
     from coremltools.optimize.torch.quantization.quantization_config import (

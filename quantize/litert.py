@@ -6,7 +6,7 @@ from difftx_edge.quantize.registry import float_module_types, qualified_name, re
 
 
 @register_quantizer("litert", extra="litert", requires=("litert_torch", "ai_edge_litert", "torchao"),
-                    runtime="LiteRT / TFLite (XNNPACK delegate)")
+                    runtime="LiteRT / TFLite (XNNPACK delegate)", int32_bias=True)
 def build(qat: bool):
     from difftx_edge.quantize.pt2e import consistent_fake_quant
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config

@@ -12,7 +12,7 @@ from difftx_edge.quantize.registry import float_module_types, register_quantizer
 
 
 @register_quantizer("onnx", extra="onnx", requires=("onnx", "onnxruntime", "onnxscript", "torchao"),
-                    runtime="ONNX Runtime (QDQ fused into integer MatMul/Gemm)")
+                    runtime="ONNX Runtime (QDQ fused into integer MatMul/Gemm)", int32_bias=True)
 def build(qat: bool):
     import torch
     from difftx_edge.quantize.registry import qualified_name

@@ -195,6 +195,36 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return convert_pt2e(prepared)
 
 
+def snap_biases(graph: torch.fx.GraphModule) -> int:
+    """Round the float bias of every int8 Linear to the int32 grid of integer kernels; returns how many.
+
+    TFLite, XNNPACK and ONNX Runtime add an integer Linear's bias as int32 at
+    scale ``input_scale * weight_scale`` per output channel, while
+    ``convert_pt2e`` leaves it in float. The difference is a fraction of an
+    output step, but it flips occasional roundings, and the float LayerNorms,
+    attention and residuals between int8 layers grew those flips to 3-5 output
+    steps at the logits of a LiteRT model. On the grid, the graph and the
+    kernels add the same bias. The scale is the float32 product the converters
+    compute; snapping twice changes nothing. Core ML keeps float biases, so its
+    backend does not snap.
+    """
+    snapped = 0
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target != torch.ops.aten.linear.default or len(node.args) < 3:
+            continue
+        x, w, b = node.args[:3]
+        if not (isinstance(b, torch.fx.Node) and b.op == "get_attr" and _is_quant(x, "dequantize")
+                and _is_quant(w, "dequantize") and "per_tensor" in str(x.target)):
+            continue
+        x_scale, w_scale = (_attr(graph, s) if isinstance(s, torch.fx.Node) else s for s in (x.args[1], w.args[1]))
+        scale = (torch.as_tensor(x_scale, dtype=torch.float32) * torch.as_tensor(w_scale, dtype=torch.float32))
+        bias = _attr(graph, b)
+        with torch.no_grad():
+            bias.copy_((torch.round(bias.double() / scale.double()) * scale.double()).to(bias.dtype))
+        snapped += 1
+    return snapped
+
+
 # -----------------------------------------------------------------------------
 # Inspecting a converted graph
 

@@ -22,6 +22,7 @@ class QuantizerSpec:
         extra: the pip extra that installs what it needs.
         requires: importable modules the quantizer needs.
         runtime: where its integer kernels run.
+        int32_bias: whether those kernels add a Linear's bias as int32 (``pt2e.snap_biases``).
         build: ``build(qat: bool) -> Quantizer``, leaving ``float_module_types()`` in float.
     """
 
@@ -29,6 +30,7 @@ class QuantizerSpec:
     extra: str
     requires: tuple[str, ...]
     runtime: str
+    int32_bias: bool
     build: Callable
 
     def missing(self) -> list[str]:
@@ -50,11 +52,11 @@ class QuantizerSpec:
 QUANTIZERS: dict[str, QuantizerSpec] = {}
 
 
-def register_quantizer(name: str, *, extra: str, requires: tuple[str, ...], runtime: str):
+def register_quantizer(name: str, *, extra: str, requires: tuple[str, ...], runtime: str, int32_bias: bool):
     """Register ``build(qat) -> Quantizer`` as backend ``name``; returns the function unchanged."""
 
     def wrap(build: Callable) -> Callable:
-        QUANTIZERS[name] = QuantizerSpec(name, extra, tuple(requires), runtime, build)
+        QUANTIZERS[name] = QuantizerSpec(name, extra, tuple(requires), runtime, int32_bias, build)
         return build
 
     return wrap
@@ -79,6 +81,46 @@ def float_module_types() -> list[type]:
     from difftx_edge.model import ATTENTION, LayerNorm
 
     return [*dict.fromkeys(ATTENTION.values()), LayerNorm]
+
+
+def in_float_module(node) -> bool:
+    """Whether an exported graph node was traced inside one of ``float_module_types()``."""
+    names = {qualified_name(kind) for kind in float_module_types()}
+    stack = (node.meta.get("nn_module_stack") or {}).values()
+    return any((qualified_name(t) if isinstance(t, type) else t) in names for _, t in stack)
+
+
+def unannotate_float_modules(graph) -> int:
+    """Drop every quantization annotation inside ``float_module_types()``; returns how many went.
+
+    Some annotators ignore the module filter a quantizer was given: XNNPACK's
+    cat annotator quantizes every cat, and its propagation pass then quantizes
+    the reshapes and means around it, so a float module ends up with int8 cats
+    of attention scores. Annotations elsewhere that share qparams with a
+    removed one go too, since their source no longer exists.
+    """
+    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    def shares_with(annotation, gone: set) -> bool:
+        specs = [annotation.output_qspec, *annotation.input_qspec_map.values()]
+        for spec in specs:
+            if isinstance(spec, SharedQuantizationSpec):
+                edge = spec.edge_or_node
+                if any(n in gone for n in (edge if isinstance(edge, tuple) else (edge,))):
+                    return True
+        return False
+
+    annotated = [n for n in graph.graph.nodes if Q_ANNOTATION_KEY in n.meta]
+    gone = {n for n in annotated if in_float_module(n)}
+    while True:
+        more = {n for n in annotated if n not in gone and shares_with(n.meta[Q_ANNOTATION_KEY], gone)}
+        if not more:
+            break
+        gone |= more
+    for node in gone:
+        del node.meta[Q_ANNOTATION_KEY]
+    return len(gone)
 
 
 def qualified_name(cls: type) -> str:

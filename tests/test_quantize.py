@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 from difftx_edge.quantize import QUANTIZERS, QuantConfig, load_quantized, pt2e, quantize
-from difftx_edge.quantize.registry import QuantizerSpec, get_quantizer_spec
+from difftx_edge.quantize.registry import QuantizerSpec, get_quantizer_spec, in_float_module
 
 from difftx_edge.model import ATTENTION, DiffTransformer, ModelConfig
 
@@ -84,6 +84,53 @@ def test_prepared_and_converted_agree_within_one_output_step(backend, kind, caus
     assert gap <= step, f"{gap / step:.2f} output steps apart"
     # Not vacuous: the quantized model differs from the float one by more than rounding.
     assert any(w["dtype"] == "int8" for w in pt2e.linear_weights(converted))
+
+
+def test_snapped_biases_lie_on_the_int32_grid_the_kernels_store(data):
+    x, _ = data
+    model = small_model("local")
+    with torch.no_grad():  # biases start at zero, which is on every grid
+        for linear in (m for m in model.modules() if isinstance(m, nn.Linear)):
+            linear.bias.normal_(0, 0.1)
+    prepared = pt2e.prepare(pt2e.export_for_quantization(model, x[:2]),
+                            get_quantizer_spec("xnnpack").quantizer(qat=False), qat=False)
+    pt2e.calibrate(prepared, [x])
+    converted = pt2e.convert(prepared)
+    before = converted(x)
+    biases = {n: pt2e._attr(converted, n.args[2]).detach().clone() for n in converted.graph.nodes
+              if n.target == torch.ops.aten.linear.default}
+    assert pt2e.snap_biases(converted) == 10
+    assert any(not torch.equal(pt2e._attr(converted, n.args[2]), b) for n, b in biases.items())
+    for node in converted.graph.nodes:
+        if node.target == torch.ops.aten.linear.default:
+            act, weight, bias = node.args[:3]
+            w_scale = pt2e._attr(converted, weight.args[1])
+            grid = torch.tensor(act.args[1], dtype=torch.float32) * w_scale
+            units = pt2e._attr(converted, bias).double() / grid.double()
+            assert torch.allclose(units, units.round(), atol=1e-3)
+    after = converted(x)
+    assert (after - before).abs().max() <= 1.001 * pt2e.output_step(converted)  # one rounding flipped at most
+    assert pt2e.snap_biases(converted) == 10 and torch.equal(converted(x), after)  # idempotent
+    assert QUANTIZERS["xnnpack"].int32_bias and not QUANTIZERS["coreml"].int32_bias  # Core ML keeps float biases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_and_layernorm_stay_float_on_every_backend(backend, data):
+    """No annotator may quantize inside a float module, even one that ignores module filters (XNNPACK's cat)."""
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    x, _ = data
+    graph = pt2e.export_for_quantization(small_model("hybrid"), x[:2])
+    quantizer = get_quantizer_spec(backend).quantizer(qat=False)
+    graph = quantizer.annotate(quantizer.transform_for_annotation(graph))
+    annotated = [n for n in graph.graph.nodes if Q_ANNOTATION_KEY in n.meta]
+    inside = [f"{n.target} in {pt2e.module_path(n)}" for n in annotated if in_float_module(n)]
+    assert annotated and not inside, inside
+    # The hybrid model has cats only inside attention: none may come out integer.
+    prepared = pt2e.prepare(pt2e.export_for_quantization(small_model("hybrid"), x[:2]),
+                            get_quantizer_spec(backend).quantizer(qat=False), qat=False)
+    pt2e.calibrate(prepared, [x])
+    assert "aten.cat" not in pt2e.op_table(pt2e.convert(prepared))["integer"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -238,7 +285,7 @@ def test_run_without_checkpoint(digits_run, tmp_path):
 def test_missing_backend_extra_names_the_pip_extra(digits_run, tmp_path):
     # A registered backend whose package is absent: the real check, with a module that does not exist.
     QUANTIZERS["absent"] = QuantizerSpec("absent", "absent-extra", ("difftx_edge_no_such_module",), "nowhere",
-                                         lambda qat: None)
+                                         False, lambda qat: None)
     try:
         with pytest.raises(ValueError, match=r"pip install 'difftx-edge\[absent-extra\]'"):
             quantize(QuantConfig(run=str(digits_run[0]), out=str(tmp_path / "o"), backend="absent"))
@@ -288,7 +335,7 @@ def every_add_quantizer(qat: bool):
 def test_unquantizable_attention_leaves_nothing_behind(digits_run, tmp_path):
     # The model's attention masks hold -inf: a quantizer that observes the mask add must be
     # stopped by name at calibration, and nothing may be written.
-    QUANTIZERS["every-add"] = QuantizerSpec("every-add", "onnx", ("torchao",), "test", every_add_quantizer)
+    QUANTIZERS["every-add"] = QuantizerSpec("every-add", "onnx", ("torchao",), "test", False, every_add_quantizer)
     try:
         with pytest.raises(ValueError, match=r"backend every-add cannot quantize op aten\.add in "
                                              r"blocks\.\d\.attn\.core\.local: .*infinite or NaN"):

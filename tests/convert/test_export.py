@@ -22,7 +22,6 @@ from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
 
 KINDS = ("softmax", "local", "linear", "lowrank", "hybrid")
-RUNTIME_INT8 = ("executorch", "onnx")  # int8 formats whose parity holds today (see the README's limits)
 
 
 @pytest.fixture(scope="module")
@@ -61,28 +60,34 @@ def test_fp32_every_format_passes_parity_in_its_runtime(runs, kind, tmp_path):
     # Everything in one XNNPACK subgraph (digits has float features, so no embedding lookup either).
     assert et["partitions"] == 1 and et["delegated_ops"] == et["total_ops"] and not et["undelegated"]
     lite = json.loads((tmp_path / "litert-fp32" / MANIFEST).read_text())
-    assert lite["partitions"] >= 1
+    assert lite["partitions"] == 1  # no valued pad (PADV2) left to split the XNNPACK delegate
     coreml = json.loads((tmp_path / "coreml-fp32" / MANIFEST).read_text())
     assert "not the Core ML runtime" in coreml["parity"]["check"]
 
 
-# Open (README, honest limits): lowrank int8 in ExecuTorch measured 3 output steps (99.5 % of logits within 2).
-INT8_CASES = [(kind, fmt) for kind in KINDS for fmt in RUNTIME_INT8 if (kind, fmt) != ("lowrank", "executorch")]
+INT8_CASES = [(kind, fmt) for kind in KINDS for fmt in sorted(FORMATS)]
 
 
 @pytest.mark.parametrize("kind, fmt", INT8_CASES)
-def test_int8_runtime_formats_pass_parity_with_the_converted_model(runs, kind, fmt, tmp_path):
+def test_int8_every_format_passes_parity_with_the_converted_model(runs, kind, fmt, tmp_path):
     backend = FORMATS[fmt].quantizer
     quantize(QuantConfig(run=str(runs[kind]), backend=backend, method="ptq", calib_batches=4, threads=2),
              progress=False)
     export_run(ExportConfig(run=str(runs[kind]), out=str(tmp_path), format=fmt, precision="int8",
                             parity_batches=100, accuracy=False, threads=2))
     manifest = check_bundle(tmp_path, fmt, "int8")
-    assert manifest["parity"]["max_steps"] <= 2.0
+    assert manifest["parity"]["max_steps"] <= 2.0 + 1e-3
     assert manifest["quantized_from"].endswith(f"int8/{backend}")
     if fmt == "executorch":
         delegation = manifest["delegation"]
         assert delegation["partitions"] == 1 and delegation["delegated_ops"] == delegation["total_ops"]
+    if fmt == "litert":
+        # LiteRT's XNNPACK delegate takes no int8 GELU: each layer's MLP GELU splits it (README, limits).
+        assert manifest["partitions"] == 2 + 1
+    if fmt == "coreml":  # checked by reference evaluation, after the structure: the Linears' weights stored as int8
+        linear_weights = 4 * 32 + 2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 128) + 32 * 10
+        assert manifest["program"]["weights"]["int8"] >= linear_weights
+        assert manifest["program"]["inputs"][0]["shape"] == [1, 16, 4]
 
 
 def test_accuracy_is_measured_in_the_runtime(runs, tmp_path):
