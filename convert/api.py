@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,9 +199,37 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
                                           parity_inputs=args, output_step=None, meta=meta, threads=threads,
                                           options={"example": (torch.from_numpy(args[0]),),
                                                    "deployment_target": deployment_target}))
-        except (RuntimeError, NotImplementedError, TypeError, KeyError, AssertionError) as err:
-            raise ValueError(f"{spec.name} cannot convert {path.name}: {_first_line(err)}") from err
+        except ValueError:  # ours already: parity, a missing extra
+            raise
+        except Exception as err:  # any toolchain failure becomes one line, naming the op where it can
+            raise ValueError(_conversion_failure(spec.name, path.name, err, program)) from err
     return manifests
+
+
+def _conversion_failure(fmt: str, name: str, err: BaseException, program) -> str:
+    """One line for a toolchain that failed: the op it names, or else the ops outside core ATen.
+
+    Toolchains name an unsupported op in different places: ExecuTorch and
+    ONNX deep in the exception chain, LiteRT not at all. An op outside the core
+    ATen opset is what no toolchain is obliged to lower.
+    """
+    causes, seen = [], err
+    while seen is not None and len(causes) < 16:
+        causes.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"aten\.(\w+)", "\n".join(causes))
+    if found:
+        return f"{fmt} cannot convert {name}: op aten.{found.group(1)} is not supported ({_first_line(err)})"
+    outside = _outside_core_aten(program)
+    hint = f"; ops outside core ATen, which {fmt} need not lower: {', '.join(outside)}" if outside else ""
+    return f"{fmt} cannot convert {name}: {_first_line(err)}{hint}"
+
+
+def _outside_core_aten(program) -> list[str]:
+    ops = {node.target for node in program.run_decompositions().graph.nodes
+           if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)}
+    return sorted(f"{op.namespace}.{op._opname}" for op in ops
+                  if op.namespace == "aten" and torch.Tag.core not in op.tags)
 
 
 def _example_args(program, seed: int, n: int) -> list[np.ndarray]:
@@ -230,5 +259,6 @@ def _dtype_name(dtype: torch.dtype, fmt: str) -> str:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # some toolchains colour their messages
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

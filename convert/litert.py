@@ -23,13 +23,75 @@ def export(program, path: Path, precision: str, options: dict) -> dict:
         # Without the quantizer the file keeps float weights plus quantize/dequantize pairs.
         quant_config = QuantConfig(pt2e_quantizer=get_quantizer_spec("litert").quantizer(qat=False))
     litert_torch.convert(module, example, quant_config=quant_config).export(str(path))
-    return {"partitions": partitions(path)}
+    facts = {}
+    if precision == "int8":
+        facts["float_gelus"] = gelu_in_float(path)
+    return {**facts, "partitions": partitions(path)}
 
 
 def partitions(path: Path) -> dict:
     from difftx_edge.runtimes.litert import LiteRTRunner
 
     return LiteRTRunner(path, threads=1).partitions()
+
+
+def gelu_in_float(path: Path) -> int:
+    """Rewrite each int8 GELU of a .tflite as DEQUANTIZE -> float GELU -> QUANTIZE; returns how many.
+
+    The converter turns the MLP's ``dequantize -> gelu -> quantize`` into an
+    int8 GELU, which LiteRT's XNNPACK delegate does not take: each layer's
+    GELU ran outside it and split the graph into n_layers + 1 partitions. In
+    float the delegate runs it, so the graph is one partition. The values are
+    those of the PyTorch program, which computes GELU in float between the
+    same quantize and dequantize (parity checks it).
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    codes = model.operatorCodes
+
+    def builtin(op) -> int:
+        return flatbuffer_utils.get_builtin_code_from_operator_code(codes[op.opcodeIndex])
+
+    def opcode(code: int) -> int:
+        for index, existing in enumerate(codes):
+            if flatbuffer_utils.get_builtin_code_from_operator_code(existing) == code:
+                return index
+        new = schema.OperatorCodeT()
+        new.builtinCode, new.deprecatedBuiltinCode, new.version = code, min(code, 127), 1
+        codes.append(new)
+        return len(codes) - 1
+
+    def operator(code: int, inputs: list[int], outputs: list[int]):
+        op = schema.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = opcode(code), inputs, outputs
+        return op
+
+    rewritten = 0
+    for graph in model.subgraphs:
+        def float_twin(index: int) -> int:  # a float32 tensor of the same shape, with no data
+            int8 = graph.tensors[index]
+            twin = schema.TensorT()
+            twin.shape, twin.shapeSignature, twin.hasRank = int8.shape, int8.shapeSignature, int8.hasRank
+            twin.type, twin.buffer, twin.name = schema.TensorType.FLOAT32, 0, (int8.name or b"") + b"/float"
+            graph.tensors.append(twin)
+            return len(graph.tensors) - 1
+
+        operators = []
+        for op in graph.operators:
+            if builtin(op) != schema.BuiltinOperator.GELU or graph.tensors[op.inputs[0]].type != schema.TensorType.INT8:
+                operators.append(op)
+                continue
+            (x,), (y,) = op.inputs, op.outputs
+            op.inputs, op.outputs = [float_twin(x)], [float_twin(y)]
+            operators += [operator(schema.BuiltinOperator.DEQUANTIZE, [x], op.inputs), op,
+                          operator(schema.BuiltinOperator.QUANTIZE, op.outputs, [y])]
+            rewritten += 1
+        graph.operators = operators
+    if rewritten:
+        flatbuffer_utils.write_model(model, str(path))
+    return rewritten
 
 
 def unfold_int8_weights(graph_module):
