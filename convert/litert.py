@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from difftx_edge.convert.registry import register_format
+from difftx_edge.runtimes.litert import LiteRTRunner
 
 
 @register_format("litert", filename="model.tflite", precisions=("fp32", "int8"), quantizer="litert",
@@ -26,13 +27,8 @@ def export(program, path: Path, precision: str, options: dict) -> dict:
     facts = {}
     if precision == "int8":
         facts["float_gelus"] = gelu_in_float(path)
-    return {**facts, "partitions": partitions(path)}
-
-
-def partitions(path: Path) -> dict:
-    from difftx_edge.runtimes.litert import LiteRTRunner
-
-    return LiteRTRunner(path, threads=1).partitions()
+    delegation = LiteRTRunner(path, threads=1).delegation()
+    return {**facts, "partitions": delegation["partitions"], "delegation": delegation}
 
 
 def gelu_in_float(path: Path) -> int:

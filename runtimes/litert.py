@@ -42,7 +42,37 @@ class LiteRTRunner:
 
         Each partition is one delegate node appended to the graph; no public API lists them.
         """
-        return sum("delegate" in op["op_name"].lower() for op in self.interpreter._get_ops_details())
+        return self.delegation()["partitions"]
+
+    def delegation(self) -> dict:
+        """Partitions, delegated and total ops, and the ops left to the interpreter's own kernels.
+
+        The interpreter keeps the nodes a delegate replaced and does not expose
+        its execution plan, so this walks back from the outputs: a tensor a
+        delegate node produces comes from it, any other from the original op,
+        which therefore runs outside every delegate.
+        """
+        ops = self.interpreter._get_ops_details()
+        delegates = [op for op in ops if "delegate" in op["op_name"].lower()]
+        originals = [op for op in ops if "delegate" not in op["op_name"].lower()]
+        producer = {t: op for op in originals for t in op["outputs"]}
+        producer.update({t: op for op in delegates for t in op["outputs"]})
+        needed = [spec["index"] for spec in self.outputs]
+        seen_tensors, outside = set(), {}  # outside: op index -> op name
+        while needed:
+            tensor = needed.pop()
+            if tensor in seen_tensors or tensor not in producer:
+                continue  # graph inputs and constants have no producer
+            seen_tensors.add(tensor)
+            op = producer[tensor]
+            if "delegate" not in op["op_name"].lower():
+                outside[op["index"]] = op["op_name"]
+            needed.extend(t for t in op["inputs"] if t >= 0)
+        counts: dict[str, int] = {}
+        for name in outside.values():
+            counts[name] = counts.get(name, 0) + 1
+        return {"partitions": len(delegates), "delegated_ops": len(originals) - len(outside),
+                "total_ops": len(originals), "undelegated": counts}
 
     def info(self) -> dict:
         from importlib.metadata import PackageNotFoundError, version

@@ -61,6 +61,8 @@ def test_fp32_every_format_passes_parity_in_its_runtime(runs, kind, tmp_path):
     assert et["partitions"] == 1 and et["delegated_ops"] == et["total_ops"] and not et["undelegated"]
     lite = json.loads((tmp_path / "litert-fp32" / MANIFEST).read_text())
     assert lite["partitions"] == 1  # no valued pad (PADV2) left to split the XNNPACK delegate
+    delegation = lite["delegation"]
+    assert delegation["delegated_ops"] == delegation["total_ops"] and not delegation["undelegated"]
     coreml = json.loads((tmp_path / "coreml-fp32" / MANIFEST).read_text())
     assert "not the Core ML runtime" in coreml["parity"]["check"]
 
@@ -83,6 +85,7 @@ def test_int8_every_format_passes_parity_with_the_converted_model(runs, kind, fm
         assert delegation["partitions"] == 1 and delegation["delegated_ops"] == delegation["total_ops"]
     if fmt == "litert":  # the MLPs' GELUs rewritten to float, which the XNNPACK delegate takes: one partition
         assert manifest["float_gelus"] == 2 and manifest["partitions"] == 1
+        assert manifest["delegation"]["delegated_ops"] == manifest["delegation"]["total_ops"]
     if fmt == "coreml":  # checked by reference evaluation, after the structure: the Linears' weights stored as int8
         linear_weights = 4 * 32 + 2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 128) + 32 * 10
         assert manifest["program"]["weights"]["int8"] >= linear_weights
