@@ -88,24 +88,27 @@ def export_run(cfg: ExportConfig) -> list[dict]:
     same_length = N == task.seq_len
     source = {"run": str(Path(cfg.run).resolve()), "sha256": sha256_file(Path(cfg.run) / "model.safetensors")}
     info = run_config.get("task_info") or {}
+    example = test_x[:cfg.batch]
+    batches = [test_x[i:i + cfg.batch] for i in range(0, len(test_x) - cfg.batch + 1, cfg.batch)]
+    labels = [test_y[i:i + cfg.batch] for i in range(0, len(test_x) - cfg.batch + 1, cfg.batch)]
+    parity_inputs = [b.numpy() for b in batches[:cfg.parity_batches]]
+    accuracy_split = None
+    if cfg.accuracy and same_length:  # another length has no labelled data
+        accuracy_split = ([b.numpy() for b in batches], [y.numpy() for y in labels])
     manifests = []
     for spec in specs:
         if cfg.precision == "int8":
             program, quant_dir, step, reference_module = _int8_program(cfg, spec, N)
         else:
+            # Exported afresh for each format: an exporter may rewrite the program's lifted constants in place.
             reference_module = model
-            example = test_x[:cfg.batch]
             program = torch.export.export(model.eval(), (example,))
             quant_dir, step = None, None
-        batches = [test_x[i:i + cfg.batch] for i in range(0, len(test_x) - cfg.batch + 1, cfg.batch)]
-        labels = [test_y[i:i + cfg.batch] for i in range(0, len(test_x) - cfg.batch + 1, cfg.batch)]
-        parity_inputs = [b.numpy() for b in batches[:cfg.parity_batches]]
 
         def reference(x: np.ndarray, module=reference_module) -> np.ndarray:
             with torch.no_grad():
                 return module(torch.from_numpy(x)).numpy()
 
-        example = test_x[:cfg.batch]
         out_shape = list(reference(example.numpy()).shape)
         meta = {
             "inputs": [{"name": "x", "shape": list(example.shape), "dtype": _dtype_name(example.dtype, spec.name)}],
@@ -116,9 +119,6 @@ def export_run(cfg: ExportConfig) -> list[dict]:
             "model": run_config["model"], "source": source, "versions": versions(None),
             "quantized_from": str(quant_dir) if quant_dir else None,
         }
-        accuracy_split = None
-        if cfg.accuracy and same_length:  # another length has no labelled data
-            accuracy_split = ([b.numpy() for b in batches], [y.numpy() for y in labels])
         log.info("exporting %s %s", spec.name, cfg.precision)
         manifests.append(build_bundle(
             spec, program, cfg.precision, out=out, reference=reference, parity_inputs=parity_inputs,

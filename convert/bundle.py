@@ -61,7 +61,7 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
         started = time.perf_counter()
         facts = spec.export(program, artifact, precision, dict(options or {}))
         export_seconds = time.perf_counter() - started
-        run = _runner(spec, artifact, threads)
+        run = _runner(spec, artifact, threads, facts)
         runtime_out = [run(x) for x in parity_inputs]
         torch_out = [reference(x) for x in parity_inputs]
         parity = compare(runtime_out, torch_out, precision, output_step)
@@ -160,11 +160,12 @@ def validate_manifest(manifest: dict) -> None:
         raise ValueError("manifest of a Core ML bundle lacks 'program' (its ops, I/O and weight dtypes)")
 
 
-def _runner(spec: FormatSpec, artifact: Path, threads: int):
+def _runner(spec: FormatSpec, artifact: Path, threads: int, facts: dict):
     if spec.check == "reference":
-        from difftx_edge.convert.coreml_reference import describe, reference_predict
+        from difftx_edge.convert.coreml_reference import reference_predict
 
-        (first_input,) = (spec_["name"] for spec_ in describe(artifact)["inputs"])
+        # The exporter already described the saved program; loading it again for its input name is slow.
+        (first_input,) = (spec_["name"] for spec_ in facts["program"]["inputs"])
 
         def run(x: np.ndarray) -> np.ndarray:
             outputs = reference_predict(artifact, {first_input: x})

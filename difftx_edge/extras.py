@@ -14,5 +14,9 @@ def require_extra(what: str, modules, extra: str) -> None:
     """Raises ValueError naming ``pip install 'difftx-edge[extra]'`` when any of ``modules`` is missing."""
     missing = missing_modules(modules)
     if missing:
-        raise ValueError(f"{what} needs {', '.join(missing)}, which is not installed: "
-                         f"pip install 'difftx-edge[{extra}]'")
+        raise not_installed(what, ", ".join(missing), extra)
+
+
+def not_installed(what: str, needs: str, extra: str) -> ValueError:
+    """The one-line error for ``what`` lacking ``needs``, naming the pip extra that installs it."""
+    return ValueError(f"{what} needs {needs}, which is not installed: pip install 'difftx-edge[{extra}]'")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difftx_edge.extras import missing_modules
+from difftx_edge.extras import missing_modules, not_installed
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,8 @@ class RuntimeSpec:
     def require(self) -> None:
         """Raises ValueError, naming the pip extra, when the runtime is not installed."""
         if not self.installed():
-            names = " or ".join("+".join(group) for group in self.requires)
-            raise ValueError(f"runtime {self.name} needs {names}, which is not installed: "
-                             f"pip install 'difftx-edge[{self.extra}]'")
+            raise not_installed(f"runtime {self.name}", " or ".join("+".join(group) for group in self.requires),
+                                self.extra)
 
     def load(self, path, threads: int = 1):
         self.require()
