@@ -8,14 +8,13 @@ Built on torchao's public quantizer API, so the ``onnx`` extra needs no ExecuTor
 
 from __future__ import annotations
 
-from difftx_edge.quantize.registry import float_module_types, register_quantizer
+from difftx_edge.quantize.registry import in_float_module, register_quantizer
 
 
 @register_quantizer("onnx", extra="onnx", requires=("onnx", "onnxruntime", "onnxscript", "torchao"),
                     runtime="ONNX Runtime (QDQ fused into integer MatMul/Gemm)", int32_bias=True)
 def build(qat: bool):
     import torch
-    from difftx_edge.quantize.registry import qualified_name
     from torchao.quantization.pt2e import (
         FakeQuantize,
         HistogramObserver,
@@ -35,12 +34,6 @@ def build(qat: bool):
     weight = QuantizationSpec(
         dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0,
         observer_or_fake_quant_ctr=spec(MovingAveragePerChannelMinMaxObserver if qat else PerChannelMinMaxObserver))
-    skipped = {qualified_name(kind) for kind in float_module_types()}
-
-    def in_float_module(node) -> bool:
-        return any(qualified_name(t) in skipped if isinstance(t, type) else t in skipped
-                   for _, t in node.meta.get("nn_module_stack", {}).values())
-
     class ORTQuantizer(Quantizer):
         """Annotates aten.linear outside the float modules; nothing else."""
 

@@ -85,7 +85,7 @@ def float_module_types() -> list[type]:
 
 def in_float_module(node) -> bool:
     """Whether an exported graph node was traced inside one of ``float_module_types()``."""
-    names = {qualified_name(kind) for kind in float_module_types()}
+    names = {qualified_name(kind) for kind in float_module_types()}  # per call: attention kinds can be added later
     stack = (node.meta.get("nn_module_stack") or {}).values()
     return any((qualified_name(t) if isinstance(t, type) else t) in names for _, t in stack)
 

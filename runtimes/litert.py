@@ -37,15 +37,8 @@ class LiteRTRunner:
         self.interpreter.invoke()
         return [_from_output(self.interpreter.get_tensor(spec["index"]), spec) for spec in self.outputs]
 
-    def partitions(self) -> int:
-        """How many delegate kernels (XNNPACK partitions) the interpreter created.
-
-        Each partition is one delegate node appended to the graph; no public API lists them.
-        """
-        return self.delegation()["partitions"]
-
     def delegation(self) -> dict:
-        """Partitions, delegated and total ops, and the ops left to the interpreter's own kernels.
+        """Partitions (one delegate node each), delegated and total ops, and the ops left to the interpreter.
 
         The interpreter keeps the nodes a delegate replaced and does not expose
         its execution plan, so this walks back from the outputs: a tensor a
