@@ -19,6 +19,7 @@ from difftx_edge.tasks import TASKS, TaskConfig
 from difftx_edge.train import MODEL_CHOICES, TrainConfig
 
 EXIT_USAGE = 2
+EXIT_ROWS_FAILED = 1  # bench: some rows failed; the results, with each row's error, are written
 TASK_FLAGS = [f.name for f in fields(TaskConfig) if f.name not in ("name", "seed")]
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -108,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--threads", type=int, default=1)
     convert.set_defaults(handler=_convert)
 
+    from difftx_edge.runtimes.bench import RUNNERS, BenchConfig
+
+    bench = verbs.add_parser("bench", help="measure latency, memory and accuracy of bundles on a target")
+    bench.add_argument("bundles", nargs="+", metavar="BUNDLE",
+                       help="bundle directories (difftx-edge export), or run directories for eager torch")
+    add_fields(bench, BenchConfig, [f.name for f in fields(BenchConfig) if f.name != "bundles"],
+               keep_defaults=True, choices={"runner": RUNNERS})
+    bench.set_defaults(handler=_bench)
+
     formats = verbs.add_parser("formats", help="list the export formats, their precisions and extras")
     formats.set_defaults(handler=_formats)
     return parser
@@ -167,6 +177,16 @@ def _bundle_line(out: str, manifest: dict) -> dict:
             "accuracy": manifest["accuracy"]}
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from difftx_edge.runtimes.bench import BenchConfig, bench, summary_line, table
+
+    cfg = BenchConfig(**pick(args, BenchConfig, drop_none=False))
+    results = bench(cfg, progress=sys.stderr.isatty())
+    print(table(results))
+    print(f"{summary_line(results)}; results in {cfg.out}", file=sys.stderr)
+    return EXIT_ROWS_FAILED if any(row["status"] != "ok" for row in results["rows"]) else 0
+
+
 def _formats(args: argparse.Namespace) -> None:
     from difftx_edge.convert import formats_table
 
@@ -183,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torchao").addFilter(_drop_missing_cuda_kernels)
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        code = args.handler(args)
     except (ValueError, OSError) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"difftx-edge {args.verb}: error: {message}", file=sys.stderr)
@@ -191,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"difftx-edge {args.verb}: interrupted; finished epochs are saved", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

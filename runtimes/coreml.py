@@ -23,6 +23,10 @@ class CoreMLRunner:
         self.input_names = [i.name for i in spec.input]
         self.output_names = [o.name for o in spec.output]
 
+    @staticmethod
+    def import_runtime() -> None:
+        import coremltools  # noqa: F401
+
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         result = self.model.predict(dict(zip(self.input_names, inputs, strict=True)))
         return [np.asarray(result[name]) for name in self.output_names]

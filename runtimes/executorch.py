@@ -18,6 +18,11 @@ class ExecuTorchRunner:
         self.path, self.threads = Path(path), threads
         self.method = Runtime.get().load_program(self.path).load_method("forward")
 
+    @staticmethod
+    def import_runtime() -> None:
+        import executorch.extension.pybindings.portable_lib  # noqa: F401
+        import executorch.runtime  # noqa: F401
+
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         import torch
 
@@ -27,4 +32,4 @@ class ExecuTorchRunner:
     def info(self) -> dict:
         from importlib.metadata import version
 
-        return {"runtime": "executorch", "version": version("executorch"), "threads": self.threads}
+        return {"runtime": "executorch", "runner": "python", "version": version("executorch"), "threads": self.threads}

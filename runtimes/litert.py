@@ -31,6 +31,10 @@ class LiteRTRunner:
         self.inputs = self.interpreter.get_input_details()
         self.outputs = self.interpreter.get_output_details()
 
+    @staticmethod
+    def import_runtime() -> None:
+        interpreter_class()
+
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         for spec, x in zip(self.inputs, inputs, strict=True):
             self.interpreter.set_tensor(spec["index"], _to_input(x, spec))

@@ -21,3 +21,66 @@ def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits_run")
     test = train(TrainConfig(out=str(out), epochs=40, threads=2), TaskConfig("digits"), {}, progress=False)
     return out, test
+
+
+# -----------------------------------------------------------------------------
+# A real sshd on 127.0.0.1, for the SSH benchmark target. .ci/run installs openssh-server.
+
+
+def start_sshd(root, path_dirs: list[str]) -> tuple[str, str, object]:
+    """Start sshd on a free loopback port with throw-away keys, sessions seeing ``path_dirs`` first on PATH.
+
+    Returns the ``ssh://`` URL, an ssh_config that logs in with the key, and the process.
+    """
+    import shutil
+    import socket
+    import subprocess
+    import time
+    from pathlib import Path
+
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not Path(sshd).exists():
+        message = "sshd is not installed: apt-get install openssh-server (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
+    (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (root / "sshd_config").write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host_key'}",
+        f"AuthorizedKeysFile {root / 'authorized_keys'}", f"PidFile {root / 'sshd.pid'}",
+        "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "UsePAM no", "StrictModes no", f"SetEnv PATH={':'.join(path_dirs)}:/usr/bin:/bin", ""]))
+    (root / "ssh_config").write_text("\n".join([
+        "Host *", f"  IdentityFile {root / 'client_key'}", "  IdentitiesOnly yes", "  StrictHostKeyChecking no",
+        "  UserKnownHostsFile /dev/null", "  LogLevel ERROR", ""]))
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(root / "sshd_config")], stderr=open(root / "sshd.log", "w"))
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        probe = subprocess.run(["ssh", "-F", str(root / "ssh_config"), "-p", str(port), "-o", "BatchMode=yes",
+                                f"{user}@127.0.0.1", "true"], capture_output=True, timeout=20)
+        if probe.returncode == 0:
+            return f"ssh://{user}@127.0.0.1:{port}", str(root / "ssh_config"), proc
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"sshd did not accept a login within 20 s: {(root / 'sshd.log').read_text()[-1000:]}")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A local 'board' whose python3 is this venv's: numpy and every runtime."""
+    import sys
+    from pathlib import Path
+
+    url, config, proc = start_sshd(tmp_path_factory.mktemp("sshd"), [str(Path(sys.executable).parent)])
+    yield url, config
+    proc.terminate()
+    proc.wait(timeout=10)

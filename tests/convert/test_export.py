@@ -37,6 +37,30 @@ def runs(tmp_path_factory):
     return found
 
 
+def check_every_runner(out, run, precision: str) -> None:
+    """Every runner loads each bundle through its manifest and runs it: the Python runtimes against eager
+    torch (fp32), and the native ExecuTorch runner against ExecuTorch's Python runtime (bit for bit)."""
+    from difftx_edge.runtimes import RUNTIMES, Bundle, runtime_for
+    from difftx_edge.runtimes.native import NativeRunner
+
+    eager = RUNTIMES["torch"].load(run)
+    for bundle_dir in sorted(out.glob(f"*-{precision}")):
+        bundle = Bundle.open(bundle_dir)
+        x = bundle.example_inputs(seed=3)
+        spec = runtime_for(bundle.manifest["format"])
+        if spec.name == "coreml":  # Linux: one clear line, not a crash; its parity is the reference check
+            with pytest.raises(ValueError, match="needs macOS"):
+                spec.load(bundle)
+            continue
+        (got,) = spec.load(bundle, threads=2).run(x)
+        if precision == "fp32":
+            (expected,) = eager.run([x[0].astype("float32")])
+            assert abs(got - expected).max() <= 1e-4, bundle_dir.name
+        if spec.name == "executorch":
+            (native_out,) = NativeRunner(bundle.artifact, threads=2).run(x)
+            assert (native_out == got).all(), bundle_dir.name
+
+
 def check_bundle(out, fmt: str, precision: str) -> dict:
     bundle = out / f"{fmt}-{precision}"
     manifest = json.loads((bundle / MANIFEST).read_text())
@@ -65,6 +89,7 @@ def test_fp32_every_format_passes_parity_in_its_runtime(runs, kind, tmp_path):
     assert delegation["delegated_ops"] == delegation["total_ops"] and not delegation["undelegated"]
     coreml = json.loads((tmp_path / "coreml-fp32" / MANIFEST).read_text())
     assert "not the Core ML runtime" in coreml["parity"]["check"]
+    check_every_runner(tmp_path, runs[kind], "fp32")
 
 
 INT8_CASES = [(kind, fmt) for kind in KINDS for fmt in sorted(FORMATS)]
@@ -79,6 +104,7 @@ def test_int8_every_format_passes_parity_with_the_converted_model(runs, kind, fm
                             parity_batches=100, accuracy=False, threads=2))
     manifest = check_bundle(tmp_path, fmt, "int8")
     assert manifest["parity"]["max_steps"] <= 2.0 + 1e-3
+    check_every_runner(tmp_path, runs[kind], "int8")
     assert manifest["quantized_from"].endswith(f"int8/{backend}")
     if fmt == "executorch":
         delegation = manifest["delegation"]

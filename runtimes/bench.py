@@ -1,0 +1,360 @@
+"""The benchmark harness: ``difftx-edge bench BUNDLE... [--target T]``.
+
+Each row (one bundle, or one run directory at one sequence length) is
+measured in a fresh process on the target, so its peak memory is its own:
+the ``measure`` module for the Python runtimes, the native runner for .pte
+files wherever it builds, the official binaries on a phone. A row that fails
+is recorded with its status and error; the others still run.
+
+Outputs in ``--out``: ``results.json`` (machine, versions, every row),
+``results.csv``, ``results.md`` (the table printed in the terminal), and PNG
+plots: p50 latency against sequence length per format, and fp32 against int8
+per format.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from difftx_edge.runtimes.registry import MANIFEST, RUNTIMES, Bundle, runtime_for
+from difftx_edge.runtimes.targets import Job, make_target
+
+from difftx_edge.io import atomic_write_bytes, atomic_write_json, require_output_dir
+
+RUNNERS = ("auto", "native", "python")
+DEFAULT_RUNS = 50
+EMULATED_NOTE = "emulated board: the outputs are real, the timings are an emulator's, not the board's"
+CSV_FIELDS = ["source", "format", "precision", "runtime", "runner", "target", "emulated", "device", "threads",
+              "batch", "seq_len", "status", "error", "load_ms", "first_inference_ms", "min_ms", "p50_ms", "p90_ms",
+              "p99_ms", "mean_ms", "std_ms", "runs", "throughput_per_s", "peak_rss_mb", "import_baseline_mb",
+              "gpu_peak_mb", "artifact_bytes", "accuracy"]
+
+
+@dataclass
+class BenchConfig:
+    """What ``difftx-edge bench`` measures, where, and how long; each field is the flag of the same name."""
+
+    bundles: list[str] = field(default_factory=list)  # bundle directories, or run directories (eager torch)
+    target: str = "local"  # local, cuda, ssh://user@host[:port], adb://SERIAL
+    threads: int = 1
+    runs: int | None = None  # timed runs per row; default 50 unless --seconds is given
+    seconds: float | None = None  # time each row for this long instead (at least 3 runs)
+    warmup: int = 5
+    seq_lens: str | None = None  # comma-separated lengths for run directories; bundles have their exported length
+    batch: int = 1  # run directories only: bundles have their exported batch
+    runner: str = "auto"  # .pte: native (C++, wherever it builds), python (pybindings), or auto
+    accuracy: bool = False  # also measure task accuracy in the runtime on the test split
+    plots: bool = True
+    out: str = "bench-results"
+    timeout: float = 600.0  # seconds per command on the target
+    ssh_config: str | None = None  # an ssh_config file for ssh:// targets (keys, known hosts)
+    remote_python: str = "python3"  # ssh: the board's Python 3 with numpy and the runtimes (a venv's python)
+    benchmark_model: str | None = None  # adb: LiteRT's benchmark_model binary for the phone
+    executorch_runner: str | None = None  # adb: ExecuTorch's executor_runner binary for the phone
+    gpu: bool = False  # adb: run benchmark_model with its GPU delegate
+
+    def __post_init__(self) -> None:
+        if not self.bundles:
+            raise ValueError("give at least one bundle (difftx-edge export) or run directory (difftx-edge train)")
+        if self.runs is not None and self.seconds is not None:
+            raise ValueError("give --runs or --seconds, not both")
+        if self.runs is None and self.seconds is None:
+            self.runs = DEFAULT_RUNS
+        for name in ("threads", "batch") + (("runs",) if self.runs is not None else ()):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be 0 or more, got {self.warmup}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"seconds must be positive, got {self.seconds}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"unknown runner {self.runner!r}: use one of {', '.join(RUNNERS)}")
+        self.lengths()
+
+    def lengths(self) -> list[int] | None:
+        if self.seq_lens is None:
+            return None
+        try:
+            lengths = [int(part) for part in self.seq_lens.split(",") if part.strip()]
+        except ValueError:
+            lengths = []
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"bad --seq-lens {self.seq_lens!r}: give positive integers separated by commas")
+        return lengths
+
+
+def bench(cfg: BenchConfig, *, progress: bool = True) -> dict:
+    """Measure every row on the target and write the results; returns them.
+
+    Raises:
+        ValueError: a bad config, target or path (before anything is measured);
+            a failing row is recorded in the results instead.
+    """
+    if cfg.plots:
+        from difftx_edge.extras import require_extra
+
+        require_extra("plots", ["matplotlib"], "bench")
+    out = require_output_dir(cfg.out)
+    for path in cfg.bundles:
+        if not Path(path).is_dir():
+            raise ValueError(f"{path} is not a directory: give bundle directories (difftx-edge export) or run "
+                             "directories (difftx-edge train)")
+    target = make_target(cfg.target, ssh_config=cfg.ssh_config, remote_python=cfg.remote_python, timeout=cfg.timeout,
+                         benchmark_model=cfg.benchmark_model, executorch_runner=cfg.executorch_runner, gpu=cfg.gpu)
+    started = time.time()
+    with target, tempfile.TemporaryDirectory(prefix="difftx-bench-data-") as scratch:
+        device = target.describe()
+        plans = [plan for path in cfg.bundles for plan in _plan(cfg, Path(path), target, device, Path(scratch))]
+        rows = []
+        bar = _progress_bar(len(plans)) if progress else None
+        for job, failure in plans:
+            label = f"{job.format} {job.precision} N={job.seq_len}"
+            if bar is not None:
+                bar.set_description(label)
+                job.progress = lambda done, of, bar=bar, label=label: bar.set_postfix_str(f"{done}/{of}")
+            rows.append(_measure(job, failure, target, cfg))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    results = {"host": _host(), "target": {"url": cfg.target, **device, "emulated": target.emulated},
+               "config": {k: v for k, v in asdict(cfg).items() if k != "bundles"}, "rows": rows,
+               "seconds": round(time.time() - started, 1)}
+    write_results(results, out, plots=cfg.plots)
+    return results
+
+
+def _plan(cfg: BenchConfig, path: Path, target, device: dict, scratch: Path) -> list[tuple[Job, str | None]]:
+    """The rows of one path: a bundle gives one, a run directory one per sequence length.
+
+    Each row comes with the reason it cannot run on this target, or None.
+    """
+    common = {"threads": cfg.threads, "warmup": cfg.warmup, "runs": cfg.runs, "seconds": cfg.seconds,
+              "device": target.device}
+    if (path / MANIFEST).is_file():
+        bundle = Bundle.open(path)
+        manifest = bundle.manifest
+        spec = runtime_for(manifest["format"])
+        job = Job(source=path, manifest=manifest, runtime=spec.name, runner=_runner(cfg, spec.name, target, device),
+                  format=manifest["format"], precision=manifest["precision"], seq_len=bundle.seq_len or 0,
+                  batch=int(manifest["inputs"][0]["shape"][0]), inputs=manifest["inputs"],
+                  model=manifest.get("model") or {}, **common)
+        failure = _unavailable(job, target)
+        lengths = cfg.lengths()
+        if failure is None and lengths is not None and job.seq_len not in lengths:
+            failure = (f"this bundle is exported for sequence length {job.seq_len}, not {cfg.seq_lens}: export one "
+                       "bundle per length with difftx-edge export --seq-len")
+        if failure is None and cfg.accuracy:
+            if not target.measures_accuracy:
+                failure = f"target {target.url} runs benchmark binaries that feed their own inputs: measure " \
+                          "--accuracy on a local or ssh:// target"
+            else:
+                job.data, failure = _accuracy_data(manifest, job, scratch)
+        return [(job, failure)]
+    from difftx_edge.io import read_config
+
+    config = read_config(path)  # a run directory: eager torch at each length
+    jobs = []
+    for seq_len in cfg.lengths() or [config["task"].get("seq_len") or config["model"]["max_len"]]:
+        job = Job(source=path, manifest=None, runtime="torch", runner="python", format="torch", precision="fp32",
+                  seq_len=seq_len, batch=cfg.batch, model=config["model"], **common)
+        failure = _unavailable(job, target)
+        if failure is None and cfg.accuracy:
+            dtype = "int64" if config["model"].get("vocab_size") else "float32"
+            job.data, failure = _accuracy_data({"source": {"run": str(path)}, "inputs": [{"dtype": dtype}]}, job,
+                                               scratch)
+        jobs.append((job, failure))
+    return jobs
+
+
+def _runner(cfg: BenchConfig, runtime: str, target, device: dict) -> str:
+    """ExecuTorch's runner: native wherever it builds (honest memory), else the Python runtime."""
+    if runtime != "executorch":
+        return "python"
+    if cfg.runner != "auto" or "machine" not in device:  # a phone runs the official binaries it was given
+        return "native" if cfg.runner == "auto" else cfg.runner
+    from difftx_edge.runtimes.native import problem
+
+    arch = "host" if device["machine"] == platform.machine() else device["machine"]
+    return "native" if problem(arch) is None else "python"
+
+
+def _unavailable(job: Job, target) -> str | None:
+    """Why ``target`` cannot run this row, or None."""
+    if target.runtimes is not None and job.runtime not in target.runtimes:
+        return f"target {target.url} runs {' and '.join(target.runtimes)} rows only, not {job.runtime}"
+    if job.device not in RUNTIMES[job.runtime].devices:
+        return f"runtime {job.runtime} has no {job.device} path"
+    return None
+
+
+def _accuracy_data(manifest: dict, job: Job, scratch: Path) -> tuple[Path | None, str | None]:
+    """An .npz of the task's test batches at this row's shape, or the reason there is none."""
+    from difftx_edge.io import read_config
+    from difftx_edge.tasks import TaskConfig, load_task
+
+    run = (manifest.get("source") or {}).get("run")
+    if not run or not (Path(run) / "config.json").is_file():
+        return None, f"--accuracy needs the run this bundle came from, {run!r}, which is not on this machine"
+    task = load_task(TaskConfig(**read_config(run)["task"]))
+    if task.seq_len != job.seq_len:
+        return None, f"--accuracy needs the task's length {task.seq_len}; this row is {job.seq_len} long"
+    B = job.batch
+    usable = len(task.test.inputs) // B * B
+    x = task.test.inputs[:usable].reshape(usable // B, B, *task.test.inputs.shape[1:])
+    y = task.test.targets[:usable].reshape(usable // B, B, *task.test.targets.shape[1:])
+    dtype = np.dtype(manifest["inputs"][0]["dtype"])
+    path = scratch / f"data-{abs(hash((str(job.source), job.seq_len)))}.npz"
+    np.savez(path, inputs=x.numpy().astype(dtype), targets=y.numpy())
+    return path, None
+
+
+def _measure(job: Job, failure: str | None, target, cfg: BenchConfig) -> dict:
+    row = {"source": str(job.source), "format": job.format, "precision": job.precision, "runtime": job.runtime,
+           "runner": job.runner, "target": cfg.target, "emulated": target.emulated, "device": job.device,
+           "threads": job.threads, "batch": job.batch, "seq_len": job.seq_len, "status": "failed", "error": failure,
+           "artifact_bytes": _artifact_bytes(job)}
+    if failure is not None:
+        return row
+    try:
+        measured = target.run(job)
+    except ValueError as err:
+        row["error"] = " ".join(str(err).split())
+        return row
+    latency = measured.pop("latency_ms")
+    row.update(status="ok", error=None, **measured, **{f"{k}_ms": v for k, v in latency.items()})
+    row["runner"] = measured.get("runner") or (measured.get("info") or {}).get("runner") or job.runner
+    mean = latency.get("mean") or latency.get("p50")
+    row["throughput_per_s"] = job.batch * 1e3 / mean if mean else None
+    return row
+
+
+def _artifact_bytes(job: Job) -> int:
+    if job.manifest is not None:
+        return int(job.manifest.get("artifact_bytes") or 0)
+    return (job.source / "model.safetensors").stat().st_size
+
+
+def _host() -> dict:
+    from difftx_edge.runtimes.measure import describe
+
+    return describe()
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="row", dynamic_ncols=True, leave=False)
+
+
+# -----------------------------------------------------------------------------
+# Results: JSON, CSV, a markdown table, plots
+
+
+def write_results(results: dict, out: Path, *, plots: bool) -> None:
+    atomic_write_json(out / "results.json", results)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(results["rows"])
+    atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
+    atomic_write_bytes(out / "results.md", (table(results) + "\n").encode())
+    if plots:
+        for name, png in render_plots(results["rows"]).items():
+            atomic_write_bytes(out / name, png)
+
+
+def table(results: dict) -> str:
+    """The results as a markdown table, with the machine it ran on."""
+    target = results["target"]
+    header = ["bundle", "format", "precision", "runner", "target", "N", "p50 ms", "p90 ms", "p99 ms", "per s",
+              "peak MB", "import MB", "size MB", "accuracy", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in results["rows"]:
+        mark = " (emulated)" if row["emulated"] else ""
+        status = "ok" if row["status"] == "ok" else f"failed: {row['error']}"
+        lines.append("| " + " | ".join([
+            Path(row["source"]).name, row["format"], row["precision"], row["runner"], f"{row['target']}{mark}",
+            str(row["seq_len"]), _num(row.get("p50_ms")), _num(row.get("p90_ms")), _num(row.get("p99_ms")),
+            _num(row.get("throughput_per_s"), 1), _num(row.get("peak_rss_mb"), 1),
+            _num(row.get("import_baseline_mb"), 1), _num(row["artifact_bytes"] / 1e6, 2),
+            _num(None if row.get("accuracy") is None else 100 * row["accuracy"], 2), status]) + " |")
+    machine = (f"Target {target['url']}: {target.get('cpu')} ({target.get('machine')}, {target.get('cores')} cores), "
+               f"{results['config']['threads']} thread(s)")
+    notes = [machine + "."]
+    if target.get("emulated"):
+        notes.append(f"(emulated) {EMULATED_NOTE}.")
+    return "\n".join(lines + [""] + notes)
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def render_plots(rows: list[dict]) -> dict[str, bytes]:
+    """PNG bytes by file name: p50 latency against sequence length, and fp32 against int8, per format."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [row for row in rows if row["status"] == "ok"]
+    pngs = {}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in ok:
+        key = f"{row['format']} {row['precision']} ({row['runner']})" + (" [emulated]" if row["emulated"] else "")
+        series.setdefault(key, []).append((row["seq_len"], row["p50_ms"]))
+    for key, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
+    ax.set(xlabel="sequence length N", ylabel="p50 latency (ms)", title="Latency against sequence length")
+    if len({row["seq_len"] for row in ok}) > 1:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    pngs["latency_vs_seq_len.png"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = sorted({(row["format"], row["seq_len"]) for row in ok})
+    width = 0.38
+    for offset, precision in ((-width / 2, "fp32"), (width / 2, "int8")):
+        heights = [min((r["p50_ms"] for r in ok if (r["format"], r["seq_len"]) == g and r["precision"] == precision),
+                       default=0.0) for g in groups]
+        ax.bar(np.arange(len(groups)) + offset, heights, width, label=precision)
+    ax.set_xticks(np.arange(len(groups)), [f"{fmt}\nN={n}" for fmt, n in groups], fontsize=8)
+    ax.set(ylabel="p50 latency (ms)", title="fp32 against int8, per format")
+    ax.legend()
+    pngs["fp32_vs_int8.png"] = _png(fig)
+    return pngs
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def summary_line(results: dict) -> str:
+    failed = [row for row in results["rows"] if row["status"] != "ok"]
+    return f"{len(results['rows']) - len(failed)} of {len(results['rows'])} rows measured" + (
+        f"; {len(failed)} failed (see results.json)" if failed else "")
+

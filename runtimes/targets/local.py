@@ -1,0 +1,54 @@
+"""This machine: each row in a fresh Python process (or the native runner), on the CPU or on CUDA."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from difftx_edge.runtimes.targets.registry import CommandTarget, register_target
+
+
+@register_target("local")
+class LocalTarget(CommandTarget):
+    def __init__(self, url: str = "local", timeout: float = 600.0):
+        super().__init__(url, timeout)
+        self.scratch = Path(tempfile.mkdtemp(prefix="difftx-bench-"))
+
+    def stage(self, files: dict[str, Path], outputs: tuple[str, ...] = ()) -> dict[str, str]:
+        return {**{name: str(path) for name, path in files.items()}, **{name: str(self.scratch / name)
+                                                                          for name in outputs}}
+
+    def command(self, argv: list[str], env: dict[str, str]) -> list[str]:
+        return argv  # env reaches the child through Popen's environment
+
+    def fetch(self, path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    def python(self, runtime: str) -> list[str]:
+        if runtime == "torch":  # eager torch needs the whole package
+            return [sys.executable, "-m", "difftx_edge.runtimes.measure"]
+        # The device runner, as on a board: importing difftx_edge itself would load torch, and count it as memory.
+        runner = self.scratch / "runner.pyz"
+        if not runner.exists():
+            from difftx_edge.runtimes.measure import device_runner
+
+            device_runner(runner)
+        return [sys.executable, str(runner)]
+
+    def native_dir(self) -> str:
+        from difftx_edge.runtimes.native import build
+
+        return str(build("host"))
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+@register_target("cuda")
+class CudaTarget(LocalTarget):
+    """The torch and ONNX Runtime rows on this machine's NVIDIA GPU."""
+
+    device = "cuda"
+    runtimes = ("torch", "onnxruntime")

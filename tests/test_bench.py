@@ -1,0 +1,230 @@
+"""The benchmark harness: every field in the results, failures as rows, honest memory, and the SSH target.
+
+The SSH tests run against a real sshd on 127.0.0.1 (``conftest.sshd``),
+started with throw-away keys; the "board" is this machine, reached the way
+a Raspberry Pi is.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from difftx_edge.convert import ExportConfig, export_run
+from difftx_edge.runtimes.bench import CSV_FIELDS, BenchConfig, bench
+from difftx_edge.runtimes.targets import make_target
+
+from difftx_edge.tasks import TaskConfig
+from difftx_edge.train import TrainConfig, train
+
+ROW_FIELDS = {"source", "format", "precision", "runtime", "runner", "target", "emulated", "device", "threads", "batch",
+              "seq_len", "status", "error", "load_ms", "first_inference_ms", "min_ms", "p50_ms", "p90_ms", "p99_ms",
+              "mean_ms", "std_ms", "runs", "times_ms", "throughput_per_s", "peak_rss_mb", "import_baseline_mb",
+              "artifact_bytes", "accuracy", "info"}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """A small and a large digits model (d_model 32 and 256), the small one exported to every runnable format."""
+    root = tmp_path_factory.mktemp("bench")
+    found = {}
+    for name, d_model in (("small", 32), ("large", 256)):
+        run = root / f"run_{name}"
+        train(TrainConfig(out=str(run), epochs=2, threads=2), TaskConfig("digits"),
+              {"d_model": d_model, "n_heads": 4, "n_layers": 2}, progress=False)
+        formats = "executorch,litert,onnx" if name == "small" else "onnx,executorch"
+        export_run(ExportConfig(run=str(run), out=str(root / name), format=formats, precision="fp32",
+                                parity_batches=2, threads=2))
+        found[f"run_{name}"] = run
+        for bundle in (root / name).iterdir():
+            found[f"{name}/{bundle.name}"] = bundle
+    return found
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "difftx_edge", *args], capture_output=True, text=True, timeout=900)
+
+
+def one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert needle in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+
+
+def test_results_have_every_field_and_a_broken_bundle_is_a_failed_row(bundles, tmp_path):
+    broken = tmp_path / "broken-onnx"
+    shutil.copytree(bundles["small/onnx-fp32"], broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx model")
+    out = tmp_path / "results"
+    done = cli("bench", str(bundles["small/onnx-fp32"]), str(bundles["small/litert-fp32"]),
+               str(bundles["small/executorch-fp32"]), str(bundles["run_small"]), str(broken),
+               "--runs", "20", "--warmup", "2", "--accuracy", "--out", str(out))
+    assert done.returncode == 1, done.stderr[-2000:]  # some rows failed: results written, exit 1
+    assert "Traceback" not in done.stderr and "4 of 5 rows measured" in done.stderr
+
+    results = json.loads((out / "results.json").read_text())
+    assert {"cpu", "machine", "packages", "python"} <= set(results["host"])
+    assert results["config"]["threads"] == 1 and results["target"]["url"] == "local"
+    ok = [row for row in results["rows"] if row["status"] == "ok"]
+    assert [row["format"] for row in ok] == ["onnx", "litert", "executorch", "torch"]
+    for row in ok:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert row["runs"] == len(row["times_ms"]) == 20
+        assert row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["peak_rss_mb"] >= row["import_baseline_mb"] > 0
+        assert row["throughput_per_s"] == pytest.approx(1e3 / row["mean_ms"])
+        assert row["seq_len"] == 16 and row["batch"] == 1 and row["threads"] == 1
+    # Accuracy in each runtime is the accuracy the export measured in the same runtime.
+    for row in ok[:3]:
+        manifest = json.loads((Path(row["source"]) / "manifest.json").read_text())
+        assert row["accuracy"] == pytest.approx(manifest["accuracy"]["artifact"], abs=1e-9)
+    executorch = ok[2]
+    assert executorch["runner"] == "native" and executorch["peak_rss_mb"] < 100  # no Python, no torch
+    assert ok[0]["import_baseline_mb"] < 150  # the device runner imports onnxruntime, not torch
+
+    (failed,) = [row for row in results["rows"] if row["status"] != "ok"]
+    assert failed["source"] == str(broken) and failed["error"] and "\n" not in failed["error"]
+    assert "failed: " in (out / "results.md").read_text()
+
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == CSV_FIELDS and len(table) == 5
+    for name in ("latency_vs_seq_len.png", "fp32_vs_int8.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| onnx-fp32 | onnx | fp32 | python | local | 16 |" in done.stdout
+
+
+def test_peak_memory_is_the_isolated_process_own(bundles, tmp_path):
+    """A bundle with larger weights reports a larger peak, by at least its extra weight bytes."""
+    results = bench(BenchConfig(bundles=[str(bundles[f"{size}/{fmt}"]) for fmt in ("onnx-fp32", "executorch-fp32")
+                                         for size in ("small", "large")],
+                                runs=5, warmup=1, plots=False, out=str(tmp_path)), progress=False)
+    rows = {(Path(r["source"]).parent.name, r["format"]): r for r in results["rows"]}
+    for fmt in ("onnx", "executorch"):
+        small, large = rows[("small", fmt)], rows[("large", fmt)]
+        assert small["status"] == large["status"] == "ok"
+        extra_mb = (large["artifact_bytes"] - small["artifact_bytes"]) / 2**20
+        assert extra_mb > 1
+        assert large["peak_rss_mb"] - small["peak_rss_mb"] >= 0.8 * extra_mb, (fmt, small, large)
+
+
+def test_torch_rows_at_several_lengths(bundles, tmp_path):
+    results = bench(BenchConfig(bundles=[str(bundles["run_small"])], seq_lens="8,16,64", runs=3, warmup=0,
+                                out=str(tmp_path)), progress=False)
+    assert [(r["seq_len"], r["status"], r.get("input_shape")) for r in results["rows"]] == [
+        (8, "ok", [1, 8, 4]), (16, "ok", [1, 16, 4]), (64, "failed", None)]
+    assert "longer than this model serves (16)" in results["rows"][2]["error"]
+
+
+def test_cuda_target_runs_torch_and_onnxruntime_rows_only(bundles, tmp_path):
+    results = bench(BenchConfig(bundles=[str(bundles["run_small"]), str(bundles["small/onnx-fp32"]),
+                                         str(bundles["small/litert-fp32"])], target="cuda", runs=3,
+                                plots=False, out=str(tmp_path)), progress=False)
+    torch_row, onnx_row, litert_row = results["rows"]
+    assert litert_row["status"] == "failed" and "runs torch and onnxruntime rows only" in litert_row["error"]
+    if torch.cuda.is_available():
+        assert torch_row["status"] == "ok" and torch_row["gpu_peak_mb"] > 0
+    else:
+        assert "finds no CUDA device" in torch_row["error"]
+        assert "CUDAExecutionProvider" in onnx_row["error"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--runs", "5", "--seconds", "2"], "give --runs or --seconds, not both"),
+    (["--seq-lens", "16,x"], "bad --seq-lens '16,x'"),
+    (["--threads", "0"], "threads must be at least 1"),
+    (["--target", "tpu://x"], "unknown target 'tpu://x'"),
+    (["--target", "ssh://root@127.0.0.1;touch /tmp/pwned"], "bad SSH target"),
+    (["--target", "ssh://-oProxyCommand=touch@x"], "bad SSH target"),
+])
+def test_bad_arguments_are_one_line(bundles, tmp_path, args, needle):
+    one_line_error(cli("bench", str(bundles["small/onnx-fp32"]), "--out", str(tmp_path / "o"), *args), needle)
+    assert not (tmp_path / "o").exists()
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_a_missing_path_is_one_line(tmp_path):
+    one_line_error(cli("bench", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")), "is not a directory")
+    (tmp_path / "empty").mkdir()
+    one_line_error(cli("bench", str(tmp_path / "empty"), "--out", str(tmp_path / "o")), "is not a run directory")
+
+
+# -----------------------------------------------------------------------------
+# The SSH target, against a real sshd on 127.0.0.1
+
+
+def ssh_bench(sshd, paths, tmp_path, **options) -> dict:
+    url, config = sshd
+    return bench(BenchConfig(bundles=[str(p) for p in paths], target=url, ssh_config=config,
+                             remote_python=options.pop("remote_python", sys.executable), plots=False,
+                             out=str(tmp_path / "ssh"), **options), progress=False)
+
+
+def test_ssh_round_trip_copies_runs_returns_and_cleans_up(bundles, sshd, tmp_path):
+    before = set(Path("/tmp").glob("difftx-edge.*"))
+    paths = [bundles[f"small/{name}"] for name in ("onnx-fp32", "litert-fp32", "executorch-fp32")]
+    results = ssh_bench(sshd, paths, tmp_path, runs=10, warmup=1, accuracy=True)
+    for row, path in zip(results["rows"], paths, strict=True):
+        assert row["status"] == "ok", row["error"]
+        assert row["target"] == sshd[0] and row["emulated"] is False
+        # Outputs computed on the board: the task accuracy equals the export's in the same runtime.
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert row["accuracy"] == pytest.approx(manifest["accuracy"]["artifact"], abs=1e-9)
+    assert results["rows"][2]["runner"] == "native"
+    assert set(Path("/tmp").glob("difftx-edge.*")) == before  # the board's private directory is gone
+
+
+def test_ssh_paths_never_reach_a_shell(bundles, sshd, tmp_path):
+    planted = tmp_path / "planted"
+    hostile = tmp_path / f"b; touch {planted} $(touch {planted}) `touch {planted}`"
+    shutil.copytree(bundles["small/onnx-fp32"], hostile)
+    results = ssh_bench(sshd, [hostile], tmp_path, runs=3, warmup=0)
+    assert results["rows"][0]["status"] == "ok", results["rows"][0]["error"]
+    assert not planted.exists()
+
+
+def test_ssh_private_directory_is_removed_even_when_a_row_fails(bundles, sshd, tmp_path):
+    url, config = sshd
+    before = set(Path("/tmp").glob("difftx-edge.*"))
+    with make_target(url, ssh_config=config, remote_python=sys.executable) as target:
+        remote = Path(target._dir())
+        assert remote.is_dir() and remote.stat().st_mode & 0o777 == 0o700  # mktemp -d: private to the user
+    assert not remote.exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(bundles["small/litert-fp32"], broken)
+    (broken / "model.tflite").write_bytes(b"\0" * 64)
+    results = ssh_bench(sshd, [broken], tmp_path, runs=3)
+    assert results["rows"][0]["status"] == "failed" and results["rows"][0]["error"]
+    assert set(Path("/tmp").glob("difftx-edge.*")) == before
+
+
+def test_ssh_board_without_the_runtime_gives_a_row_error(bundles, sshd, tmp_path):
+    """A board whose Python has numpy but not onnxruntime: the row says what is missing."""
+    import numpy
+
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", str(bare)], check=True)
+    subprocess.run([str(bare / "bin" / "python"), "-m", "pip", "install", "--quiet", f"numpy=={numpy.__version__}"],
+                   check=True)
+    results = ssh_bench(sshd, [bundles["small/onnx-fp32"]], tmp_path, runs=3, remote_python=str(bare / "bin/python"))
+    (row,) = results["rows"]
+    assert row["status"] == "failed" and "onnxruntime, which is not installed" in row["error"], row["error"]
+
+
+def test_ssh_unreachable_host_and_timeout_are_one_line(bundles, sshd, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    one_line_error(cli("bench", str(bundles["small/onnx-fp32"]), "--target", f"ssh://root@127.0.0.1:{closed_port}",
+                       "--ssh-config", sshd[1], "--out", str(tmp_path / "o")), "cannot reach")
+    results = ssh_bench(sshd, [bundles["small/onnx-fp32"]], tmp_path, seconds=12.0, timeout=5.0)
+    assert results["rows"][0]["status"] == "failed"
+    assert "timed out after 5 s" in results["rows"][0]["error"]
