@@ -51,6 +51,23 @@ def int8_module(model: DiffTransformer, fmt: str, N: int, seed: int) -> torch.fx
     return converted
 
 
+def planned_activation_bytes(kind: str, precision: str, N: int, d_model: int, seed: int = 0) -> int:
+    """The activation memory ExecuTorch's planner allots this model when it plans every tensor itself.
+
+    A delegated .pte plans only its inputs and outputs: XNNPACK keeps the intermediate tensors in a workspace of
+    its own, which no API reports. The same program lowered without a partitioner shows what the activations
+    need under ExecuTorch's greedy memory planning; that is the "planned activation memory" of the model.
+    """
+    import executorch.kernels.quantized  # noqa: F401  (registers the out variants of quantize/dequantize)
+    from executorch.exir import to_edge
+
+    model = build_model(kind, N, d_model, seed)
+    module = int8_module(model, "executorch", N, seed) if precision == "int8" else model
+    program = torch.export.export(module, (tokens(1, N, seed),))
+    plan = to_edge(program).to_executorch().executorch_program.execution_plan[0]
+    return int(sum(plan.non_const_buffer_sizes))
+
+
 def make_bundle(kind: str, fmt: str, precision: str, N: int, d_model: int, work: Path, *, threads: int = 1,
                 seed: int = 0) -> Path:
     """The bundle ``work/<kind>-d<d_model>-N<N>/<fmt>-<precision>``, built and parity-checked unless it exists."""

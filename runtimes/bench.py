@@ -32,7 +32,7 @@ from difftx_edge.io import atomic_write_bytes, atomic_write_json, require_output
 RUNNERS = ("auto", "native", "python")
 DEFAULT_RUNS = 50
 EMULATED_NOTE = "emulated board: the outputs are real, the timings are an emulator's, not the board's"
-CSV_FIELDS = ["source", "format", "precision", "runtime", "runner", "target", "emulated", "device", "threads",
+CSV_FIELDS = ["source", "attention", "format", "precision", "runtime", "runner", "target", "emulated", "device", "threads",
               "batch", "seq_len", "status", "error", "load_ms", "first_inference_ms", "min_ms", "p50_ms", "p90_ms",
               "p99_ms", "mean_ms", "std_ms", "runs", "throughput_per_s", "peak_rss_mb", "import_baseline_mb",
               "gpu_peak_mb", "artifact_bytes", "accuracy"]
@@ -220,7 +220,7 @@ def _accuracy_data(manifest: dict, job: Job, scratch: Path) -> tuple[Path | None
 
 
 def _measure(job: Job, failure: str | None, target, cfg: BenchConfig) -> dict:
-    row = {"source": str(job.source), "format": job.format, "precision": job.precision, "runtime": job.runtime,
+    row = {"source": str(job.source), "attention": job.model.get("attention"), "format": job.format, "precision": job.precision, "runtime": job.runtime,
            "runner": job.runner, "target": cfg.target, "emulated": target.emulated, "device": job.device,
            "threads": job.threads, "batch": job.batch, "seq_len": job.seq_len, "status": "failed", "error": failure,
            "artifact_bytes": _artifact_bytes(job)}
@@ -315,7 +315,8 @@ def render_plots(rows: list[dict]) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[tuple[int, float]]] = {}
     for row in ok:
-        key = f"{row['format']} {row['precision']} ({row['runner']})" + (" [emulated]" if row["emulated"] else "")
+        key = f"{row['attention']} {row['format']} {row['precision']} ({row['runner']})" + (
+            " [emulated]" if row["emulated"] else "")
         series.setdefault(key, []).append((row["seq_len"], row["p50_ms"]))
     for key, points in sorted(series.items()):
         points.sort()
@@ -330,13 +331,14 @@ def render_plots(rows: list[dict]) -> dict[str, bytes]:
     pngs["latency_vs_seq_len.png"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = sorted({(row["format"], row["seq_len"]) for row in ok})
+    groups = sorted({(row["format"], str(row["attention"]), row["seq_len"]) for row in ok})
     width = 0.38
     for offset, precision in ((-width / 2, "fp32"), (width / 2, "int8")):
-        heights = [min((r["p50_ms"] for r in ok if (r["format"], r["seq_len"]) == g and r["precision"] == precision),
-                       default=0.0) for g in groups]
+        heights = [min((r["p50_ms"] for r in ok if (r["format"], str(r["attention"]), r["seq_len"]) == g
+                        and r["precision"] == precision), default=0.0) for g in groups]
         ax.bar(np.arange(len(groups)) + offset, heights, width, label=precision)
-    ax.set_xticks(np.arange(len(groups)), [f"{fmt}\nN={n}" for fmt, n in groups], fontsize=8)
+    ax.set_xticks(np.arange(len(groups)), [f"{fmt}\n{kind}\nN={n}" for fmt, kind, n in groups], fontsize=7,
+                  rotation=90 if len(groups) > 12 else 0)
     ax.set(ylabel="p50 latency (ms)", title="fp32 against int8, per format")
     ax.legend()
     pngs["fp32_vs_int8.png"] = _png(fig)

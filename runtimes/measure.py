@@ -120,7 +120,10 @@ def measure(args: argparse.Namespace, progress) -> dict:
     if hasattr(runner, "peak_device_memory_mb"):
         row["gpu_peak_mb"] = runner.peak_device_memory_mb()
     if data is not None:
-        row["accuracy"] = accuracy([runner.run([x])[0] for x in data["inputs"]], data["targets"])
+        outputs = [runner.run([x])[0] for x in data["inputs"]]
+        row["accuracy"] = accuracy(outputs, data["targets"])
+        if args.return_outputs:  # float32 values survive JSON exactly: each becomes the double it is
+            row["outputs"] = np.stack(outputs).astype(np.float32).tolist()
     return row
 
 
@@ -189,6 +192,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="torch runs only: the input length")
     p.add_argument("--batch", type=int, default=1, help="torch runs only: the batch size")
     p.add_argument("--data", default=None, help="an .npz of inputs (K, *input) and targets, for accuracy")
+    p.add_argument("--return-outputs", action="store_true", help="with --data: add the outputs to the row")
     p.add_argument("--describe", action="store_true", help="print the machine and its runtime packages, and exit")
     return p
 

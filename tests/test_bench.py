@@ -23,7 +23,7 @@ from difftx_edge.runtimes.targets import make_target
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
 
-ROW_FIELDS = {"source", "format", "precision", "runtime", "runner", "target", "emulated", "device", "threads", "batch",
+ROW_FIELDS = {"source", "attention", "format", "precision", "runtime", "runner", "target", "emulated", "device", "threads", "batch",
               "seq_len", "status", "error", "load_ms", "first_inference_ms", "min_ms", "p50_ms", "p90_ms", "p99_ms",
               "mean_ms", "std_ms", "runs", "times_ms", "throughput_per_s", "peak_rss_mb", "import_baseline_mb",
               "artifact_bytes", "accuracy", "info"}

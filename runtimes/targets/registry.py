@@ -38,6 +38,7 @@ class Job:
         inputs: the input tensors' specs (name, shape, dtype).
         model: the model config (the token inputs' vocabulary size).
         data: an .npz of ``inputs`` (K, *input) and ``targets`` for task accuracy, or None.
+        return_outputs: with ``data``, the row also carries the runtime's outputs (for parity across machines).
     """
 
     source: Path
@@ -56,6 +57,7 @@ class Job:
     inputs: list[dict] = field(default_factory=list)
     model: dict = field(default_factory=dict)
     data: Path | None = None
+    return_outputs: bool = False
     progress: Callable[[int, int], None] | None = None
 
     @property
@@ -153,7 +155,7 @@ class CommandTarget:
                 "--seq-len", str(job.seq_len)]
         argv += ["--runs", str(job.runs)] if job.runs is not None else ["--seconds", str(job.seconds)]
         if job.data is not None:
-            argv += ["--data", staged["data.npz"]]
+            argv += ["--data", staged["data.npz"]] + (["--return-outputs"] if job.return_outputs else [])
         return json.loads(self.execute(argv, thread_env(job.threads), job.progress, f"{job.runtime} row"))
 
     def _run_native(self, job: Job) -> dict:
@@ -181,6 +183,8 @@ class CommandTarget:
             shape = [len(batches), *result["outputs"][0]["shape"]]
             outputs = np.frombuffer(self.fetch(staged["outputs.bin"]), dtype=np.float32).reshape(shape)
             row["accuracy"] = accuracy(list(outputs), data["targets"])
+            if job.return_outputs:
+                row["outputs"] = outputs.tolist()
         return row
 
     def execute(self, argv: list[str], env: dict[str, str], progress, what: str) -> str:
