@@ -32,9 +32,9 @@ from difftx_edge.io import atomic_write_bytes, atomic_write_json, require_output
 RUNNERS = ("auto", "native", "python")
 DEFAULT_RUNS = 50
 EMULATED_NOTE = "emulated board: the outputs are real, the timings are an emulator's, not the board's"
-CSV_FIELDS = ["source", "attention", "format", "precision", "runtime", "runner", "target", "emulated", "device", "threads",
-              "batch", "seq_len", "status", "error", "load_ms", "first_inference_ms", "min_ms", "p50_ms", "p90_ms",
-              "p99_ms", "mean_ms", "std_ms", "runs", "throughput_per_s", "peak_rss_mb", "import_baseline_mb",
+CSV_FIELDS = ["source", "attention", "format", "precision", "runtime", "runner", "target", "emulated", "device",
+              "threads", "batch", "seq_len", "status", "error", "load_ms", "first_inference_ms", "min_ms", "p50_ms",
+              "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs", "throughput_per_s", "peak_rss_mb", "import_baseline_mb",
               "gpu_peak_mb", "artifact_bytes", "accuracy"]
 
 
@@ -121,7 +121,7 @@ def bench(cfg: BenchConfig, *, progress: bool = True) -> dict:
             label = f"{job.format} {job.precision} N={job.seq_len}"
             if bar is not None:
                 bar.set_description(label)
-                job.progress = lambda done, of, bar=bar, label=label: bar.set_postfix_str(f"{done}/{of}")
+                job.progress = lambda done, of, bar=bar: bar.set_postfix_str(f"{done}/{of}" if of else f"{done} runs")
             rows.append(_measure(job, failure, target, cfg))
             if bar is not None:
                 bar.update(1)
@@ -220,7 +220,8 @@ def _accuracy_data(manifest: dict, job: Job, scratch: Path) -> tuple[Path | None
 
 
 def _measure(job: Job, failure: str | None, target, cfg: BenchConfig) -> dict:
-    row = {"source": str(job.source), "attention": job.model.get("attention"), "format": job.format, "precision": job.precision, "runtime": job.runtime,
+    row = {"source": str(job.source), "attention": job.model.get("attention"), "format": job.format,
+           "precision": job.precision, "runtime": job.runtime,
            "runner": job.runner, "target": cfg.target, "emulated": target.emulated, "device": job.device,
            "threads": job.threads, "batch": job.batch, "seq_len": job.seq_len, "status": "failed", "error": failure,
            "artifact_bytes": _artifact_bytes(job)}
