@@ -118,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
                keep_defaults=True, choices={"runner": RUNNERS})
     bench.set_defaults(handler=_bench)
 
+    from difftx_edge.pipeline import STAGES, PipelineConfig
+
+    pipeline = verbs.add_parser("pipeline", help="train, quantize, export, check, benchmark and report in one command; "
+                                "a re-run resumes where the last one stopped")
+    add_fields(pipeline, PipelineConfig, keep_defaults=True, choices={"task": sorted(TASKS)})
+    pipeline.add_argument("--force", nargs="?", const="all", default=None, metavar="STAGES",
+                          help="redo stages even when their outputs are up to date: all (without a value) or "
+                               f"comma-separated names from {', '.join(STAGES)}")
+    pipeline.set_defaults(handler=_pipeline)
+
     formats = verbs.add_parser("formats", help="list the export formats, their precisions and extras")
     formats.set_defaults(handler=_formats)
     return parser
@@ -185,6 +195,21 @@ def _bench(args: argparse.Namespace) -> int:
     print(table(results))
     print(f"{summary_line(results)}; results in {cfg.out}", file=sys.stderr)
     return EXIT_ROWS_FAILED if any(row["status"] != "ok" for row in results["rows"]) else 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from difftx_edge.pipeline import PipelineConfig, parse_stages, pipeline
+
+    cfg = PipelineConfig(**pick(args, PipelineConfig, drop_none=False))
+    force = parse_stages(args.force) if args.force is not None else ()
+    try:
+        summary = pipeline(cfg, force=force, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print("difftx-edge pipeline: interrupted; finished stages are kept, run it again to resume", file=sys.stderr)
+        return 130
+    print(json.dumps({"report": f"{cfg.out}/report.md", "seconds": summary["seconds"],
+                      "stages": {entry["stage"]: entry["status"] for entry in summary["stages"]}}))
+    return 0
 
 
 def _formats(args: argparse.Namespace) -> None:
