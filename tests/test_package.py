@@ -42,8 +42,9 @@ def test_regular_install_wheel_holds_subpackages_under_difftx_edge(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("difftx_edge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for sub in ("quantize", "convert", "runtimes", "tasks"):
+    for sub in ("quantize", "convert", "runtimes", "runtimes/native", "runtimes/targets", "tasks"):
         assert f"difftx_edge/{sub}/__init__.py" in names
+    assert "difftx_edge/runtimes/native/runner.cpp" in names  # the native runner is compiled from it on first use
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_level == {"difftx_edge"}, top_level
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
