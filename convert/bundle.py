@@ -78,7 +78,7 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
         manifest = {
             "format": spec.name, "precision": precision, "artifact": spec.filename,
             "artifact_bytes": _size(artifact), "artifact_sha256": _sha256(artifact),
-            "inputs": meta.pop("inputs"), "outputs": meta.pop("outputs"),
+            **artifact_io(spec, artifact, facts, meta.pop("inputs"), meta.pop("outputs")),
             **meta, **facts, "parity": parity, "accuracy": accuracy,
             "export_seconds": round(export_seconds, 3),
         }
@@ -89,6 +89,45 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def artifact_io(spec: FormatSpec, artifact: Path, facts: dict, inputs: list[dict], outputs: list[dict]) -> dict:
+    """The I/O the artifact itself declares, which is what an app must feed and read.
+
+    ``inputs`` and ``outputs`` describe the exported program; each file may
+    differ: LiteRT takes token ids as int32 and an int8 file returns int8
+    logits with a scale and zero point, Core ML takes int32, and ONNX and
+    Core ML name their tensors themselves. A .pte stores no names: those of
+    the program stay.
+    """
+    if spec.name == "litert":
+        from difftx_edge.runtimes.litert import interpreter_class
+
+        interpreter = interpreter_class()(model_path=str(artifact))
+        return {"inputs": [_litert_tensor(d) for d in interpreter.get_input_details()],
+                "outputs": [_litert_tensor(d) for d in interpreter.get_output_details()]}
+    if spec.name == "onnx":
+        import onnxruntime as ort
+        from difftx_edge.runtimes.onnxruntime import NUMPY_TYPES
+
+        session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+        return {side: [{"name": t.name, "shape": list(ours["shape"]), "dtype": np.dtype(NUMPY_TYPES[t.type]).name}
+                       for t, ours in zip(found, program, strict=True)]
+                for side, found, program in (("inputs", session.get_inputs(), inputs),
+                                             ("outputs", session.get_outputs(), outputs))}
+    if spec.name == "coreml":
+        return {side: [{"name": t["name"], "shape": list(t["shape"]), "dtype": t["dtype"]}
+                       for t in facts["program"][side]] for side in ("inputs", "outputs")}
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def _litert_tensor(detail: dict) -> dict:
+    tensor = {"name": detail["name"], "shape": [int(n) for n in detail["shape"]],
+              "dtype": np.dtype(detail["dtype"]).name}
+    scale, zero_point = detail["quantization"]
+    if scale:  # an int8 tensor: real value = (q - zero_point) * scale
+        tensor["quantization"] = {"scale": float(scale), "zero_point": int(zero_point)}
+    return tensor
 
 
 def compare(runtime_out: list[np.ndarray], torch_out: list[np.ndarray], precision: str,

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from difftx_edge.runtimes.registry import MANIFEST, RUNTIMES, Bundle, runtime_for
+from difftx_edge.runtimes.registry import MANIFEST, RUNTIMES, Bundle, runner_dtype, runtime_for
 from difftx_edge.runtimes.targets import Job, make_target
 
 from difftx_edge.io import atomic_write_bytes, atomic_write_json, require_output_dir
@@ -213,7 +213,7 @@ def _accuracy_data(manifest: dict, job: Job, scratch: Path) -> tuple[Path | None
     usable = len(task.test.inputs) // B * B
     x = task.test.inputs[:usable].reshape(usable // B, B, *task.test.inputs.shape[1:])
     y = task.test.targets[:usable].reshape(usable // B, B, *task.test.targets.shape[1:])
-    dtype = np.dtype(manifest["inputs"][0]["dtype"])
+    dtype = runner_dtype(manifest["inputs"][0])
     path = scratch / f"data-{abs(hash((str(job.source), job.seq_len)))}.npz"
     np.savez(path, inputs=x.numpy().astype(dtype), targets=y.numpy())
     return path, None

@@ -9,7 +9,7 @@ from difftx_edge.runtimes.registry import register_runtime
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Session input types, as ONNX Runtime names them, for inputs handed over in another dtype.
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                 "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
 
 
@@ -33,7 +33,7 @@ class OnnxRuntimeRunner:
         import onnxruntime  # noqa: F401
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        feed = {spec.name: np.ascontiguousarray(x, dtype=_NUMPY_TYPES.get(spec.type, x.dtype))
+        feed = {spec.name: np.ascontiguousarray(x, dtype=NUMPY_TYPES.get(spec.type, x.dtype))
                 for spec, x in zip(self.inputs, inputs, strict=True)}
         return self.session.run(None, feed)
 

@@ -59,10 +59,16 @@ class Bundle:
         return [example_tensor(spec, self.manifest.get("model") or {}, seed) for spec in self.manifest["inputs"]]
 
 
+def runner_dtype(spec: dict) -> np.dtype:
+    """The dtype a runner takes for the manifest tensor ``spec``: a quantized one is fed as float32, which the
+    runner quantizes with the tensor's own scale and zero point."""
+    return np.dtype(np.float32 if "quantization" in spec else spec["dtype"])
+
+
 def example_tensor(spec: dict, model: dict, seed: int = 0) -> np.ndarray:
     """One input of ``spec`` (name, shape, dtype); integer inputs are token ids below ``model['vocab_size']``."""
     rng = np.random.default_rng(seed)
-    shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+    shape, dtype = tuple(spec["shape"]), runner_dtype(spec)
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, int(model.get("vocab_size") or 2), size=shape).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)

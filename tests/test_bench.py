@@ -17,16 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 from difftx_edge.convert import ExportConfig, export_run
+from difftx_edge.quantize import QuantConfig, quantize
 from difftx_edge.runtimes.bench import CSV_FIELDS, BenchConfig, bench
 from difftx_edge.runtimes.targets import make_target
 
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
 
-ROW_FIELDS = {"source", "attention", "format", "precision", "runtime", "runner", "target", "emulated", "device", "threads", "batch",
-              "seq_len", "status", "error", "load_ms", "first_inference_ms", "min_ms", "p50_ms", "p90_ms", "p99_ms",
-              "mean_ms", "std_ms", "runs", "times_ms", "throughput_per_s", "peak_rss_mb", "import_baseline_mb",
-              "artifact_bytes", "accuracy", "info"}
+ROW_FIELDS = {"source", "attention", "format", "precision", "runtime", "runner", "target", "emulated", "device",
+              "threads", "batch", "seq_len", "status", "error", "load_ms", "first_inference_ms", "min_ms", "p50_ms",
+              "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs", "times_ms", "throughput_per_s", "peak_rss_mb",
+              "import_baseline_mb", "artifact_bytes", "accuracy", "info"}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,11 @@ def bundles(tmp_path_factory):
         formats = "executorch,litert,onnx" if name == "small" else "onnx,executorch"
         export_run(ExportConfig(run=str(run), out=str(root / name), format=formats, precision="fp32",
                                 parity_batches=2, threads=2))
+        if name == "small":  # an int8 .tflite whose input and output are themselves int8
+            quantize(QuantConfig(run=str(run), backend="litert", method="ptq", calib_batches=4, threads=2),
+                     progress=False)
+            export_run(ExportConfig(run=str(run), out=str(root / name), format="litert", precision="int8",
+                                    parity_batches=2, threads=2))
         found[f"run_{name}"] = run
         for bundle in (root / name).iterdir():
             found[f"{name}/{bundle.name}"] = bundle
@@ -98,6 +104,19 @@ def test_results_have_every_field_and_a_broken_bundle_is_a_failed_row(bundles, t
     for name in ("latency_vs_seq_len.png", "fp32_vs_int8.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| onnx-fp32 | onnx | fp32 | python | local | 16 |" in done.stdout
+
+
+def test_quantized_io_is_fed_as_floats_and_scores_as_the_export_measured(bundles, tmp_path):
+    """The manifest gives the .tflite's own int8 input and output with their scales; the harness feeds the
+    runner floats (it quantizes them), and the accuracy matches the export's in the same runtime."""
+    bundle = bundles["small/litert-int8"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["inputs"][0]["dtype"] == "int8" and manifest["inputs"][0]["quantization"]["scale"] > 0
+    assert manifest["outputs"][0]["dtype"] == "int8" and manifest["outputs"][0]["quantization"]["scale"] > 0
+    results = bench(BenchConfig(bundles=[str(bundle)], runs=3, warmup=1, accuracy=True, plots=False,
+                                out=str(tmp_path)), progress=False)
+    (row,) = results["rows"]
+    assert row["status"] == "ok" and row["accuracy"] == pytest.approx(manifest["accuracy"]["artifact"], abs=1e-9)
 
 
 def test_peak_memory_is_the_isolated_process_own(bundles, tmp_path):

@@ -52,7 +52,17 @@ def check_every_runner(out, run, precision: str) -> None:
             with pytest.raises(ValueError, match="needs macOS"):
                 spec.load(bundle)
             continue
-        (got,) = spec.load(bundle, threads=2).run(x)
+        runner = spec.load(bundle, threads=2)
+        (got,) = runner.run(x)
+        # The manifest describes the file's own I/O, which is what an app feeds and reads.
+        if spec.name == "litert":
+            for side, details in (("inputs", runner.inputs), ("outputs", runner.outputs)):
+                for tensor, detail in zip(bundle.manifest[side], details, strict=True):
+                    assert (tensor["name"], tensor["dtype"]) == (detail["name"], detail["dtype"].__name__)
+                    assert ("quantization" in tensor) == bool(detail["quantization"][0])
+        if spec.name == "onnxruntime":
+            assert [t["name"] for t in bundle.manifest["inputs"]] == [i.name for i in runner.session.get_inputs()]
+            assert [t["name"] for t in bundle.manifest["outputs"]] == [o.name for o in runner.session.get_outputs()]
         if precision == "fp32":
             (expected,) = eager.run([x[0].astype("float32")])
             assert abs(got - expected).max() <= 1e-4, bundle_dir.name
