@@ -7,6 +7,13 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def unavailable(reason: str):
+    """A tool a test needs is missing: under CI that is a failure, never a skip; elsewhere, a skip naming it."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -40,10 +47,7 @@ def start_sshd(root, path_dirs: list[str]) -> tuple[str, str, object]:
 
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not Path(sshd).exists():
-        message = "sshd is not installed: apt-get install openssh-server (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("sshd is not installed: apt-get install openssh-server (.ci/run does)")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for name in ("host_key", "client_key"):

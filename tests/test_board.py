@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import unavailable
 from difftx_edge.convert import ExportConfig, export_run
 from difftx_edge.quantize import QuantConfig, quantize
 from difftx_edge.runtimes.bench import BenchConfig, bench, table
@@ -33,11 +34,6 @@ BOARD = Path(__file__).resolve().parents[1] / "benchmarks" / "arm64_board" / "bo
 FORMATS = ("onnx", "litert", "executorch")
 SAMPLES = 6
 
-
-def unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

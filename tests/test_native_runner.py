@@ -16,17 +16,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import unavailable
 from difftx_edge.runtimes import native
 from difftx_edge.runtimes.native import BINARY, NativeRunner
 
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"  # installed with g++-aarch64-linux-gnu (libc6-arm64-cross)
 
-
-def unavailable(reason: str):
-    """Under CI a missing tool is a failure, never a skip."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 class Tokens(torch.nn.Module):
