@@ -44,8 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (MEMORY_ENV, command_line, machine_info, machine_markdown, markdown_table, peak_extra_rss_mb,
-                    pin_threads, summarize_ms, thread_env, time_calls, write_bytes, write_json, write_text)
+                    pin_threads, summarize_ms, time_calls, write_bytes, write_json, write_text)
 from difftx_edge.model import ATTENTION, DiffTransformer, ModelConfig, SoftmaxAttention, register_attention
+from difftx_edge.runtimes.targets.registry import thread_env
 
 
 @register_attention("sdpa")

@@ -36,11 +36,6 @@ from difftx_edge.io import atomic_write_bytes, atomic_write_json
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    """Variables that cap native thread pools at ``threads``, for a child process."""
-    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-
-
 def pin_threads(threads: int) -> int:
     """Run PyTorch ops on ``threads`` threads; returns what torch reports back.
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from difftx_edge.convert.registry import FormatSpec
+from difftx_edge.runtimes.measure import accuracy as task_accuracy
 
 # Parity tolerances: fp32 in absolute logits; int8 in output quantization steps, plus top-1 agreement.
 FP32_ATOL = 1e-4
@@ -72,8 +73,8 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
         accuracy = None
         if accuracy_split is not None:
             inputs, targets = accuracy_split
-            accuracy = {"artifact": _accuracy([run(x) for x in inputs], targets),
-                        "pytorch": _accuracy([reference(x) for x in inputs], targets),
+            accuracy = {"artifact": task_accuracy([run(x) for x in inputs], targets),
+                        "pytorch": task_accuracy([reference(x) for x in inputs], targets),
                         "examples": int(sum(len(t) for t in targets)), "measured_by": parity["check"]}
         manifest = {
             "format": spec.name, "precision": precision, "artifact": spec.filename,
@@ -215,11 +216,6 @@ def _runner(spec: FormatSpec, artifact: Path, threads: int, facts: dict):
 
     runner = runtime_for(spec.name).load(artifact, threads)
     return lambda x: runner.run([x])[0]
-
-
-def _accuracy(outputs: list[np.ndarray], targets: list[np.ndarray]) -> float:
-    correct = sum(int((np.asarray(o).argmax(-1) == t).sum()) for o, t in zip(outputs, targets, strict=True))
-    return correct / sum(t.size for t in targets)
 
 
 def _swap_in(stage: Path, target: Path) -> None:

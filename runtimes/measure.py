@@ -79,10 +79,10 @@ def timed_loop(call, *, runs: int | None, seconds: float | None, progress) -> li
                 return times
 
 
-def accuracy(outputs: list[np.ndarray], targets: np.ndarray) -> float:
-    """Top-1 accuracy of per-batch logits against their targets (per example, or per token)."""
+def accuracy(outputs: list[np.ndarray], targets) -> float:
+    """Top-1 accuracy of per-batch logits against their per-batch targets (per example, or per token)."""
     correct = sum(int((np.asarray(o).argmax(-1) == t).sum()) for o, t in zip(outputs, targets, strict=True))
-    return correct / targets.size
+    return correct / sum(np.size(t) for t in targets)
 
 
 def measure(args: argparse.Namespace, progress) -> dict:
