@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from difftx_edge.convert.registry import register_format
@@ -23,10 +24,12 @@ def export(program, path: Path, precision: str, options: dict) -> dict:
 
         # Without the quantizer the file keeps float weights plus quantize/dequantize pairs.
         quant_config = QuantConfig(pt2e_quantizer=get_quantizer_spec("litert").quantizer(qat=False))
-    litert_torch.convert(module, example, quant_config=quant_config).export(str(path))
+    with strict_qdq() if precision == "int8" else contextlib.nullcontext():
+        litert_torch.convert(module, example, quant_config=quant_config).export(str(path))
     facts = {}
     if precision == "int8":
         facts["float_gelus"] = gelu_in_float(path)
+        facts["int8_tables"] = dequantize_where_used(path)
     delegation = LiteRTRunner(path, threads=1).delegation()
     return {**facts, "partitions": delegation["partitions"], "delegation": delegation}
 
@@ -88,6 +91,67 @@ def gelu_in_float(path: Path) -> int:
     if rewritten:
         flatbuffer_utils.write_model(model, str(path))
     return rewritten
+
+
+@contextlib.contextmanager
+def strict_qdq():
+    """Convert with strict QDQ, so that the DEQUANTIZE of an int8 constant stays in the file.
+
+    By default the converter folds it into a float32 constant, which stored
+    the weight-only int8 tables (``quantize.registry.annotate_float_tables``)
+    in float again: an int8 hybrid .tflite at N=1024 was 0.52 of fp32. The
+    integer kernels come out the same either way (tests compare the ops).
+    litert-torch 0.10 sets ``strict_qdq_mode`` only in its TensorFlow-based
+    converter_v2; its default converter builds the config inside and hands it
+    to ``run_convert_to_tfl_passes``, so that call is where the flag is set.
+    """
+    from litert_torch._convert import litert_converter
+
+    api = litert_converter.converter_api_ext
+    run = api.run_convert_to_tfl_passes
+
+    def strict(module, pass_manager, config):
+        config.strict_qdq_mode = True
+        return run(module, pass_manager, config)
+
+    api.run_convert_to_tfl_passes = strict
+    try:
+        yield
+    finally:
+        api.run_convert_to_tfl_passes = run
+
+
+def dequantize_where_used(path: Path) -> int:
+    """Move each DEQUANTIZE of an int8 constant to just before its first reader; returns how many there are.
+
+    The converter puts them first. Ahead of the embedding lookup, which the
+    XNNPACK delegate does not take, they formed a partition of their own that
+    dequantized the tables on every inference; beside their readers, the
+    delegate unpacks them once, when it is built.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    moved = 0
+    for graph in model.subgraphs:
+        def constant_dequantize(op) -> bool:
+            code = flatbuffer_utils.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
+            source = graph.tensors[op.inputs[0]]
+            return (code == schema.BuiltinOperator.DEQUANTIZE and source.buffer > 0
+                    and model.buffers[source.buffer].data is not None)
+
+        tables = [op for op in graph.operators if constant_dequantize(op)]
+        operators = [op for op in graph.operators if not constant_dequantize(op)]
+        for table in tables:
+            (output,) = table.outputs
+            at = next(i for i, op in enumerate(operators) if output in op.inputs)
+            operators.insert(at, table)
+        graph.operators = operators
+        moved += len(tables)
+    if moved:
+        flatbuffer_utils.write_model(model, str(path))
+    return moved
 
 
 def unfold_int8_weights(graph_module):

@@ -315,10 +315,11 @@ class SoftmaxAttention(nn.Module):
         """
         B, H, N, D = q.shape
         q, k, v = (t.reshape(B * H, N, D) for t in (q, k, v))  # (BH, N, D)
-        null = np.zeros((N + 1, D + 1), np.float32)
-        null[N, D] = math.log(self.eps)  # the null key's logit: its coordinate times the queries' 1
         q1 = pad_last(q * D ** -0.5, 1.0)  # (BH, N, D+1)
-        k1 = F.pad(k, (0, 1, 0, 1)) + constant(null, k)  # (BH, N+1, D+1): null key last
+        # Every real key's extra coordinate is -log(eps) and the null key is a zero row, so the null
+        # logit sits log(eps) below theirs: softmax is shift-invariant, and no (N+1, D+1) constant
+        # holding a single non-zero ends up in the exported file.
+        k1 = F.pad(pad_last(k, -math.log(self.eps)), (0, 0, 0, 1))  # (BH, N+1, D+1): null key last
         s = torch.bmm(q1, k1.transpose(1, 2))  # (BH, N, N+1)
         if self.causal:  # every query sees the null key
             s = s + constant(additive_mask(np.tri(N, N + 1, dtype=bool) | (np.arange(N + 1) == N)), s)
@@ -359,19 +360,25 @@ class LocalAttention(nn.Module):
 
     @staticmethod
     @functools.lru_cache(maxsize=16)
-    def scores_bias(N: int, b: int, nb: int, g: int, window: int, causal: bool) -> np.ndarray:
-        """(Np, L+g) additive mask over each query's block keys, then the g global keys."""
+    def scores_bias(N: int, b: int, nb: int, g: int, window: int, causal: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The additive mask over each query's block keys, then the g global keys, as two broadcast factors.
+
+        Returns ``(offsets, keys)``. ``offsets`` (b, L+g) is the window, a function of the query's and
+        the key's offsets alone, the same in every block. ``keys`` (nb, 1, L+g) hides, per block, the
+        keys outside [g, N): global keys (scored in their own columns) and padding. Their sum is the
+        (nb, b, L+g) mask; two tables that do not grow with N keep the exported file small.
+        """
         n_neighbours = 2 if causal else 3
-        i = (np.arange(nb)[:, None, None] * b + np.arange(b)[None, :, None])  # (nb, b, 1) query positions
-        j = (np.arange(nb)[:, None, None] - 1) * b + np.arange(n_neighbours * b)[None, None, :]  # (nb, 1, L) key positions
-        d = i - j
-        vis = (d >= 0) & (d < window) if causal else np.abs(d) < window
-        vis &= (j >= g) & (j < N)  # global keys are scored separately, padding never
-        vis = vis.reshape(nb * b, n_neighbours * b)
-        if g:
-            to_global = np.arange(g)[None, :] <= np.arange(nb * b)[:, None] if causal else np.ones((nb * b, g), bool)
-            vis = np.concatenate([vis, to_global], axis=1)
-        return additive_mask(vis)
+        # (b, L) i - j for query offset r and key offset l: block t's keys start at block t-1
+        d = np.arange(b)[:, None] + b - np.arange(n_neighbours * b)[None, :]
+        window_vis = (d >= 0) & (d < window) if causal else np.abs(d) < window
+        j = (np.arange(nb)[:, None] - 1) * b + np.arange(n_neighbours * b)[None, :]  # (nb, L) key positions
+        key_vis = (j >= g) & (j < N)
+        # Every query sees the global keys: causal queries i >= g come after all of them, and the rows
+        # i < g are the global queries, whose output the full strip replaces (the eps logit keeps them finite).
+        offsets = np.concatenate([window_vis, np.ones((b, g), bool)], axis=1)
+        keys = np.concatenate([key_vis, np.ones((nb, g), bool)], axis=1)[:, None, :]
+        return additive_mask(offsets), additive_mask(keys)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, H, N, D = q.shape
@@ -402,11 +409,16 @@ class LocalAttention(nn.Module):
         if g:
             s = torch.cat([s, torch.bmm(q, k[:, :g].transpose(1, 2))], dim=2)  # (BH, Np, L+g)
         # The mask is added after the cat, so no -inf ever reaches an op a quantizer may observe.
-        bias = constant(self.scores_bias(N, b, nb, g, self.window, self.causal), s)
+        # Each mask is added in a shape of its own: with one add right after the other, LiteRT's
+        # converter folds the two small tables back into the (nb, b, L+g) one.
+        offsets, keys = (constant(m, s) for m in self.scores_bias(N, b, nb, g, self.window, self.causal))
+        s = s.reshape(BH * nb, b, L + g)
         if torch.is_grad_enabled() or _exporting():
-            p = eps_softmax(s + bias, self.eps)
+            s = (s + offsets).reshape(BH, nb, b, L + g) + keys
+            p = eps_softmax(s.reshape(BH, nb * b, L + g), self.eps)
         else:
-            p = eps_softmax_(s.add_(bias), self.eps)
+            s = s.add_(offsets).reshape(BH, nb, b, L + g).add_(keys)
+            p = eps_softmax_(s.reshape(BH, nb * b, L + g), self.eps)
         out = torch.bmm(first(p, L, dim=2).reshape(BH * nb, b, L), v_blocks).reshape(BH, nb * b, D)
         if g:
             out = out + torch.bmm(p[:, :, L:], v[:, :g])

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from difftx_edge.quantize.registry import float_module_types, qualified_name, register_quantizer
+from difftx_edge.quantize.registry import (
+    annotate_float_tables,
+    float_module_types,
+    qualified_name,
+    register_quantizer,
+    table_spec,
+)
 
 
 @register_quantizer("litert", extra="litert", requires=("litert_torch", "ai_edge_litert", "torchao"),
@@ -14,6 +20,12 @@ def build(qat: bool):
     class LiteRTQuantizer(PT2EQuantizer):
         # The QAT-only conv+bn annotators crash under torch 2.13, and a Transformer has no conv+bn.
         STATIC_QAT_ONLY_OPS = []
+
+        def annotate(self, model):
+            super().annotate(model)
+            # Kept as DEQUANTIZE ops by the export's strict-QDQ conversion (convert/litert.py).
+            annotate_float_tables(model, table_spec(qat, per_channel=True))
+            return model
 
     quantizer = LiteRTQuantizer().set_global(
         consistent_fake_quant(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)))

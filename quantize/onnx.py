@@ -1,4 +1,4 @@
-"""QDQ for ONNX Runtime: every Linear with int8 per-channel weights and int8 activations.
+"""QDQ for ONNX Runtime: every Linear with int8 per-channel weights and int8 activations; float tables int8.
 
 ONNX Runtime fuses DequantizeLinear -> MatMul/Gemm -> QuantizeLinear into its
 integer kernels (QGemm, MatMulIntegerToFloat); everything between Linears stays
@@ -8,7 +8,7 @@ Built on torchao's public quantizer API, so the ``onnx`` extra needs no ExecuTor
 
 from __future__ import annotations
 
-from difftx_edge.quantize.registry import in_float_module, register_quantizer
+from difftx_edge.quantize.registry import annotate_float_tables, in_float_module, register_quantizer, table_spec
 
 
 @register_quantizer("onnx", extra="onnx", requires=("onnx", "onnxruntime", "onnxscript", "torchao"),
@@ -46,6 +46,7 @@ def build(qat: bool):
                 x, w = node.args[0], node.args[1]
                 node.meta["quantization_annotation"] = QuantizationAnnotation(
                     input_qspec_map={x: activation, w: weight}, output_qspec=activation, _annotated=True)
+            annotate_float_tables(model, table_spec(qat, per_channel=True))
             return model
 
         def validate(self, model: torch.fx.GraphModule) -> None:

@@ -123,6 +123,68 @@ def unannotate_float_modules(graph) -> int:
     return len(gone)
 
 
+def table_spec(qat: bool, per_channel: bool):
+    """Weight-only int8 for a float table: symmetric, per row when ``per_channel``, fake-quantized under QAT."""
+    import torch
+    from torchao.quantization.pt2e import (
+        FakeQuantize,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        PerChannelMinMaxObserver,
+    )
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    if per_channel:
+        observer, scheme, axis = (MovingAveragePerChannelMinMaxObserver if qat else PerChannelMinMaxObserver,
+                                  torch.per_channel_symmetric, 0)
+    else:
+        observer = MovingAverageMinMaxObserver if qat else MinMaxObserver
+        scheme, axis = torch.per_tensor_symmetric, None
+    ctor = observer.with_args(eps=2 ** -12)
+    if qat:
+        ctor = FakeQuantize.with_args(observer=observer, eps=2 ** -12)
+    return QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=scheme, ch_axis=axis,
+                            observer_or_fake_quant_ctr=ctor)
+
+
+def annotate_float_tables(graph, spec) -> int:
+    """Store as int8 (weight-only, ``spec``) every parameter table the backend's annotations left float.
+
+    These are the learned position table and the low-rank projections: they
+    grow with max_len, and in float they made up most of an int8 .tflite or
+    .onnx at N=1024. The ops that read them keep computing in float: only the
+    stored values are rounded, to a step of max|row| / 127. Linear weights are
+    already annotated and 1-D vectors are too small to matter. Embedding
+    tables stay float, since a weight-only table is dequantized whole on every
+    inference in some runtimes, a vocabulary's worth of work per lookup.
+    Returns how many tables were annotated.
+    """
+    import torch
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    parameters = dict(graph.named_parameters())
+    annotated = 0
+    for node in graph.graph.nodes:
+        table = parameters.get(node.target) if node.op == "get_attr" else None
+        if table is None or table.dim() < 2:
+            continue
+        users = list(node.users)
+        if any(u.target == torch.ops.aten.embedding.default for u in users):
+            continue
+        if any(node in getattr(u.meta.get(Q_ANNOTATION_KEY), "input_qspec_map", {}) for u in users):
+            continue  # the backend quantizes it already (an int8 add's input, a Linear's weight)
+        for user in users:
+            annotation = user.meta.get(Q_ANNOTATION_KEY)
+            if annotation is None:
+                user.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={node: spec}, _annotated=True)
+            else:
+                annotation.input_qspec_map[node] = spec
+        annotated += 1
+    return annotated
+
+
 def qualified_name(cls: type) -> str:
     """How torch.export's ``nn_module_stack`` names a module type: some quantizers' filters compare strings."""
     return f"{cls.__module__}.{cls.__qualname__}"

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from difftx_edge.quantize.registry import float_module_types, register_quantizer, unannotate_float_modules
+from difftx_edge.quantize.registry import (
+    annotate_float_tables,
+    float_module_types,
+    register_quantizer,
+    table_spec,
+    unannotate_float_modules,
+)
 
 
 @register_quantizer("xnnpack", extra="executorch", requires=("executorch", "torchao"),
@@ -25,6 +31,8 @@ def build(qat: bool):
         def annotate(self, model):
             super().annotate(model)
             unannotate_float_modules(model)
+            # Per tensor: the delegate runs a per-tensor dequantize of a constant, not a per-channel one.
+            annotate_float_tables(model, table_spec(qat, per_channel=False))
             return model
 
     config = consistent_fake_quant(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))

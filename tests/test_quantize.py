@@ -115,16 +115,28 @@ def test_snapped_biases_lie_on_the_int32_grid_the_kernels_store(data):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_attention_and_layernorm_stay_float_on_every_backend(backend, data):
-    """No annotator may quantize inside a float module, even one that ignores module filters (XNNPACK's cat)."""
+@pytest.mark.parametrize("kind", ["hybrid", "lowrank"])
+def test_attention_and_layernorm_stay_float_on_every_backend(backend, kind, data):
+    """No annotator may quantize inside a float module, even one that ignores module filters (XNNPACK's cat).
+
+    The one exception is storage: a parameter table read there (the low-rank projections) may be stored
+    int8, weight-only; its reader still computes in float.
+    """
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
     x, _ = data
-    graph = pt2e.export_for_quantization(small_model("hybrid"), x[:2])
+    graph = pt2e.export_for_quantization(small_model(kind), x[:2])
     quantizer = get_quantizer_spec(backend).quantizer(qat=False)
     graph = quantizer.annotate(quantizer.transform_for_annotation(graph))
+    parameters = dict(graph.named_parameters())
+
+    def computes_int8(node) -> bool:
+        annotation = node.meta[Q_ANNOTATION_KEY]
+        return annotation.output_qspec is not None or any(
+            source.op != "get_attr" or source.target not in parameters for source in annotation.input_qspec_map)
+
     annotated = [n for n in graph.graph.nodes if Q_ANNOTATION_KEY in n.meta]
-    inside = [f"{n.target} in {pt2e.module_path(n)}" for n in annotated if in_float_module(n)]
+    inside = [f"{n.target} in {pt2e.module_path(n)}" for n in annotated if in_float_module(n) and computes_int8(n)]
     assert annotated and not inside, inside
     # The hybrid model has cats only inside attention: none may come out integer.
     prepared = pt2e.prepare(pt2e.export_for_quantization(small_model("hybrid"), x[:2]),
@@ -148,6 +160,25 @@ def test_converted_linear_weights_are_int8_per_channel(backend, data):
     assert table["integer"].get("aten.linear", 0) == 10
     assert table["float"].get("aten.bmm", 0) > 0  # the attention cores stay float by design
     assert pt2e.int8_weight_count(converted) >= sum(w["shape"][0] * w["shape"][1] for w in weights)
+
+
+@pytest.mark.parametrize("backend", ["litert", "onnx", "xnnpack"])
+def test_position_table_and_lowrank_projections_are_stored_int8(backend, data):
+    """They grow with max_len: in float they were most of an int8 .tflite or .onnx at N=1024."""
+    x, y = data
+    model = small_model("lowrank")
+    prepared = qat_prepared(model, backend, x)
+    pt2e.calibrate(prepared, [x])
+    qat_steps(prepared, x, y, steps=3)  # the tables train through their fake quantization
+    pt2e.freeze(prepared)
+    converted = pt2e.convert(prepared)
+    read = {node.target for node in converted.graph.nodes if node.op == "get_attr"}
+    assert [name for name, p in converted.named_parameters() if name in read and p.dim() >= 2] == []
+    tables = model.position.table.numel() + sum(b.attn.core.proj_k.numel() * 2 for b in model.blocks)
+    linears = sum(w["shape"][0] * w["shape"][1] for w in pt2e.linear_weights(converted))
+    assert pt2e.int8_weight_count(converted) >= linears + tables
+    # Weight-only: the attention that reads the projections still computes in float.
+    assert pt2e.op_table(converted)["float"].get("aten.bmm", 0) > 0
 
 
 def test_a_masked_op_that_int8_cannot_hold_is_refused_by_name(data):

@@ -122,6 +122,18 @@ def test_int8_every_format_passes_parity_with_the_converted_model(runs, kind, fm
     if fmt == "litert":  # the MLPs' GELUs rewritten to float, which the XNNPACK delegate takes: one partition
         assert manifest["float_gelus"] == 2 and manifest["partitions"] == 1
         assert manifest["delegation"]["delegated_ops"] == manifest["delegation"]["total_ops"]
+        # The position table, and the low-rank projections (2 per layer), stay int8 behind a DEQUANTIZE.
+        assert manifest["int8_tables"] == (5 if kind == "lowrank" else 1)
+    if fmt == "onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(tmp_path / "onnx-int8" / "model.onnx"))
+        # No exporter debug metadata: it was a quarter of the file, and named this machine's source paths.
+        assert not any(node.metadata_props for node in model.graph.node)
+        floats = [numpy_helper.to_array(t).size for t in model.graph.initializer
+                  if t.data_type == onnx.TensorProto.FLOAT]
+        assert max(floats) < 16 * 32, "a float table as large as the position table is left"
     if fmt == "coreml":  # checked by reference evaluation, after the structure: the Linears' weights stored as int8
         linear_weights = 4 * 32 + 2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 128) + 32 * 10
         assert manifest["program"]["weights"]["int8"] >= linear_weights
