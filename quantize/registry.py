@@ -164,6 +164,19 @@ def annotate_float_tables(graph, spec) -> int:
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
+    aten = torch.ops.aten
+    views = {aten.slice.Tensor, aten.narrow.default, aten.view.default, aten.reshape.default, aten.t.default,
+             aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default}
+
+    def quantized_downstream(node) -> bool:
+        """Whether the backend quantizes this value already, directly or after slices and views of it."""
+        for user in node.users:
+            if node in getattr(user.meta.get(Q_ANNOTATION_KEY), "input_qspec_map", {}):
+                return True  # an int8 add's input, a Linear's weight
+            if user.target in views and quantized_downstream(user):
+                return True
+        return False
+
     parameters = dict(graph.named_parameters())
     annotated = 0
     for node in graph.graph.nodes:
@@ -173,8 +186,8 @@ def annotate_float_tables(graph, spec) -> int:
         users = list(node.users)
         if any(u.target == torch.ops.aten.embedding.default for u in users):
             continue
-        if any(node in getattr(u.meta.get(Q_ANNOTATION_KEY), "input_qspec_map", {}) for u in users):
-            continue  # the backend quantizes it already (an int8 add's input, a Linear's weight)
+        if quantized_downstream(node):
+            continue  # rounding it twice, weight-only and then as an activation, would only add error
         for user in users:
             annotation = user.meta.get(Q_ANNOTATION_KEY)
             if annotation is None:

@@ -42,15 +42,37 @@ def bundles(tmp_path_factory):
         formats = "executorch,litert,onnx" if name == "small" else "onnx,executorch"
         export_run(ExportConfig(run=str(run), out=str(root / name), format=formats, precision="fp32",
                                 parity_batches=2, threads=2))
-        if name == "small":  # an int8 .tflite whose input and output are themselves int8
+        if name == "small":
             quantize(QuantConfig(run=str(run), backend="litert", method="ptq", calib_batches=4, threads=2),
                      progress=False)
             export_run(ExportConfig(run=str(run), out=str(root / name), format="litert", precision="int8",
                                     parity_batches=2, threads=2))
+            int8_io_bundle(run, root / name / "litert-int8", root / "int8_io" / "litert-int8")
+            found["int8_io/litert-int8"] = root / "int8_io" / "litert-int8"
         found[f"run_{name}"] = run
         for bundle in (root / name).iterdir():
             found[f"{name}/{bundle.name}"] = bundle
     return found
+
+
+def int8_io_bundle(run: Path, bundle: Path, out: Path) -> None:
+    """``bundle`` with its int8 program converted as litert-torch does by default, without strict QDQ: the
+    input and output tensors are then int8 with a scale and zero point, which a runner has to handle."""
+    import litert_torch
+    from difftx_edge.convert import FORMATS
+    from difftx_edge.convert.bundle import MANIFEST, artifact_io
+    from difftx_edge.convert.litert import unfold_int8_weights
+    from difftx_edge.quantize import get_quantizer_spec, load_quantized
+    from litert_torch.quantize.quant_config import QuantConfig as LiteRTQuantConfig
+
+    program, _ = load_quantized(run / "int8" / "litert")
+    shutil.copytree(bundle, out)
+    config = LiteRTQuantConfig(pt2e_quantizer=get_quantizer_spec("litert").quantizer(qat=False))
+    litert_torch.convert(unfold_int8_weights(program.module()), (torch.zeros(1, 16, 4),),
+                         quant_config=config).export(str(out / "model.tflite"))
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest.update(artifact_io(FORMATS["litert"], out / "model.tflite", {}, manifest["inputs"], manifest["outputs"]))
+    (out / MANIFEST).write_text(json.dumps(manifest))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -107,16 +129,20 @@ def test_results_have_every_field_and_a_broken_bundle_is_a_failed_row(bundles, t
 
 
 def test_quantized_io_is_fed_as_floats_and_scores_as_the_export_measured(bundles, tmp_path):
-    """The manifest gives the .tflite's own int8 input and output with their scales; the harness feeds the
-    runner floats (it quantizes them), and the accuracy matches the export's in the same runtime."""
-    bundle = bundles["small/litert-int8"]
+    """Our int8 .tflite keeps its quantize and dequantize inside (strict QDQ), so it takes and returns float
+    like fp32. A .tflite with int8 input and output declares their scales in the manifest; the harness feeds
+    the runner floats (it quantizes them), and the accuracy equals what the export measured in LiteRT."""
+    ours = json.loads((bundles["small/litert-int8"] / "manifest.json").read_text())
+    assert ours["inputs"][0]["dtype"] == ours["outputs"][0]["dtype"] == "float32"
+    bundle = bundles["int8_io/litert-int8"]
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["inputs"][0]["dtype"] == "int8" and manifest["inputs"][0]["quantization"]["scale"] > 0
     assert manifest["outputs"][0]["dtype"] == "int8" and manifest["outputs"][0]["quantization"]["scale"] > 0
-    results = bench(BenchConfig(bundles=[str(bundle)], runs=3, warmup=1, accuracy=True, plots=False,
-                                out=str(tmp_path)), progress=False)
-    (row,) = results["rows"]
-    assert row["status"] == "ok" and row["accuracy"] == pytest.approx(manifest["accuracy"]["artifact"], abs=1e-9)
+    results = bench(BenchConfig(bundles=[str(bundle), str(bundles["small/litert-int8"])], runs=3, warmup=1,
+                                accuracy=True, plots=False, out=str(tmp_path)), progress=False)
+    assert [row["status"] for row in results["rows"]] == ["ok", "ok"]
+    for row in results["rows"]:  # the same int8 program: one image of 360 apart at most
+        assert row["accuracy"] == pytest.approx(ours["accuracy"]["artifact"], abs=1 / 360 + 1e-9)
 
 
 def test_peak_memory_is_the_isolated_process_own(bundles, tmp_path):
