@@ -96,8 +96,8 @@ def artifact_io(spec: FormatSpec, artifact: Path, facts: dict, inputs: list[dict
     """The I/O the artifact itself declares, which is what an app must feed and read.
 
     ``inputs`` and ``outputs`` describe the exported program; each file may
-    differ: LiteRT takes token ids as int32 and an int8 file returns int8
-    logits with a scale and zero point, Core ML takes int32, and ONNX and
+    differ: LiteRT takes token ids as int32 and a .tflite may declare int8
+    tensors with a scale and zero point, Core ML takes int32, and ONNX and
     Core ML name their tensors themselves. A .pte stores no names: those of
     the program stay.
     """

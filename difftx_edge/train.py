@@ -171,6 +171,12 @@ class RunFiles:
         self.model, self.config = self.root / "model.safetensors", self.root / "config.json"
         self.metrics, self.state = self.root / "metrics.jsonl", self.root / "state.pt"
 
+    def remove_partial_writes(self) -> None:
+        """Delete the temporary files of writes a killed run never renamed into place (``atomic_write_bytes``)."""
+        for path in (self.model, self.config, self.state):
+            for partial in self.root.glob(f".{path.name}.*.tmp"):
+                partial.unlink(missing_ok=True)
+
 
 def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | None = None, *,
           resume: bool = False, force: bool = False, progress: bool = True) -> dict:
@@ -198,6 +204,8 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
     if saved:
         train_cfg, task_cfg, model_choices = saved
         train_cfg.out = str(files.root)
+        if dist.main:  # a SIGKILL mid-write leaves the temporary file; the finished files are intact
+            files.remove_partial_writes()
     elif files.state.exists() or files.model.exists():
         if not force:
             raise ValueError(f"{files.root} already holds a run: pass --resume to continue it or --force to start over")
