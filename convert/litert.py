@@ -26,16 +26,30 @@ def export(program, path: Path, precision: str, options: dict) -> dict:
         quant_config = QuantConfig(pt2e_quantizer=get_quantizer_spec("litert").quantizer(qat=False))
     with strict_qdq() if precision == "int8" else contextlib.nullcontext():
         litert_torch.convert(module, example, quant_config=quant_config).export(str(path))
-    facts = {}
-    if precision == "int8":
-        facts["float_gelus"] = gelu_in_float(path)
-        facts["int8_tables"] = dequantize_where_used(path)
+    facts = rewrite_int8(path) if precision == "int8" else {}
     delegation = LiteRTRunner(path, threads=1).delegation()
     return {**facts, "partitions": delegation["partitions"], "delegation": delegation}
 
 
-def gelu_in_float(path: Path) -> int:
-    """Rewrite each int8 GELU of a .tflite as DEQUANTIZE -> float GELU -> QUANTIZE; returns how many.
+def rewrite_int8(path: Path) -> dict:
+    """The int8 .tflite made XNNPACK-friendly in place, in one read and one write; returns the counts."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    facts = {"float_gelus": gelu_in_float(model), "int8_tables": dequantize_where_used(model)}
+    if any(facts.values()):
+        flatbuffer_utils.write_model(model, str(path))
+    return facts
+
+
+def _builtin(model, op) -> int:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return flatbuffer_utils.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
+
+
+def gelu_in_float(model) -> int:
+    """Rewrite each int8 GELU of a .tflite model as DEQUANTIZE -> float GELU -> QUANTIZE; returns how many.
 
     The converter turns the MLP's ``dequantize -> gelu -> quantize`` into an
     int8 GELU, which LiteRT's XNNPACK delegate does not take: each layer's
@@ -47,11 +61,7 @@ def gelu_in_float(path: Path) -> int:
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.read_model(str(path))
     codes = model.operatorCodes
-
-    def builtin(op) -> int:
-        return flatbuffer_utils.get_builtin_code_from_operator_code(codes[op.opcodeIndex])
 
     def opcode(code: int) -> int:
         for index, existing in enumerate(codes):
@@ -79,7 +89,8 @@ def gelu_in_float(path: Path) -> int:
 
         operators = []
         for op in graph.operators:
-            if builtin(op) != schema.BuiltinOperator.GELU or graph.tensors[op.inputs[0]].type != schema.TensorType.INT8:
+            if (_builtin(model, op) != schema.BuiltinOperator.GELU
+                    or graph.tensors[op.inputs[0]].type != schema.TensorType.INT8):
                 operators.append(op)
                 continue
             (x,), (y,) = op.inputs, op.outputs
@@ -88,8 +99,6 @@ def gelu_in_float(path: Path) -> int:
                           operator(schema.BuiltinOperator.QUANTIZE, op.outputs, [y])]
             rewritten += 1
         graph.operators = operators
-    if rewritten:
-        flatbuffer_utils.write_model(model, str(path))
     return rewritten
 
 
@@ -121,7 +130,7 @@ def strict_qdq():
         api.run_convert_to_tfl_passes = run
 
 
-def dequantize_where_used(path: Path) -> int:
+def dequantize_where_used(model) -> int:
     """Move each DEQUANTIZE of an int8 constant to just before its first reader; returns how many there are.
 
     The converter puts them first. Ahead of the embedding lookup, which the
@@ -130,27 +139,21 @@ def dequantize_where_used(path: Path) -> int:
     delegate unpacks them once, when it is built.
     """
     from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.read_model(str(path))
     moved = 0
     for graph in model.subgraphs:
-        def constant_dequantize(op) -> bool:
-            code = flatbuffer_utils.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
+        tables, operators = [], []
+        for op in graph.operators:
             source = graph.tensors[op.inputs[0]]
-            return (code == schema.BuiltinOperator.DEQUANTIZE and source.buffer > 0
-                    and model.buffers[source.buffer].data is not None)
-
-        tables = [op for op in graph.operators if constant_dequantize(op)]
-        operators = [op for op in graph.operators if not constant_dequantize(op)]
+            constant = source.buffer > 0 and model.buffers[source.buffer].data is not None
+            is_table = _builtin(model, op) == schema.BuiltinOperator.DEQUANTIZE and constant
+            (tables if is_table else operators).append(op)
         for table in tables:
             (output,) = table.outputs
             at = next(i for i, op in enumerate(operators) if output in op.inputs)
             operators.insert(at, table)
         graph.operators = operators
         moved += len(tables)
-    if moved:
-        flatbuffer_utils.write_model(model, str(path))
     return moved
 
 

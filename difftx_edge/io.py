@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+_PARTIAL = ".tmp"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -23,7 +24,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give artifacts the permissions open() would
         with os.fdopen(fd, "wb") as f:
@@ -34,6 +35,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def partial_writes(path: str | os.PathLike) -> list[Path]:
+    """The temporary files ``atomic_write_bytes`` left beside ``path`` when a kill stopped it before the rename."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*{_PARTIAL}"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from difftx_edge.io import atomic_write_bytes, atomic_write_json, load_run, save_weights, state_dict_cpu
+from difftx_edge.io import atomic_write_bytes, atomic_write_json, load_run, partial_writes, save_weights, state_dict_cpu
 from difftx_edge.model import DiffTransformer, ModelConfig
 from difftx_edge.tasks import TaskConfig, TaskData, load_task
 
@@ -174,7 +174,7 @@ class RunFiles:
     def remove_partial_writes(self) -> None:
         """Delete the temporary files of writes a killed run never renamed into place (``atomic_write_bytes``)."""
         for path in (self.model, self.config, self.state):
-            for partial in self.root.glob(f".{path.name}.*.tmp"):
+            for partial in partial_writes(path):
                 partial.unlink(missing_ok=True)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from difftx_edge.quantize.registry import (
     annotate_float_tables,
     float_module_types,
+    int8_weight_spec,
     qualified_name,
     register_quantizer,
-    table_spec,
 )
 
 
@@ -24,7 +24,7 @@ def build(qat: bool):
         def annotate(self, model):
             super().annotate(model)
             # Kept as DEQUANTIZE ops by the export's strict-QDQ conversion (convert/litert.py).
-            annotate_float_tables(model, table_spec(qat, per_channel=True))
+            annotate_float_tables(model, int8_weight_spec(qat, per_channel=True))
             return model
 
     quantizer = LiteRTQuantizer().set_global(

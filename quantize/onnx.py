@@ -8,32 +8,22 @@ Built on torchao's public quantizer API, so the ``onnx`` extra needs no ExecuTor
 
 from __future__ import annotations
 
-from difftx_edge.quantize.registry import annotate_float_tables, in_float_module, register_quantizer, table_spec
+from difftx_edge.quantize.registry import annotate_float_tables, in_float_module, int8_weight_spec, register_quantizer
 
 
 @register_quantizer("onnx", extra="onnx", requires=("onnx", "onnxruntime", "onnxscript", "torchao"),
                     runtime="ONNX Runtime (QDQ fused into integer MatMul/Gemm)", int32_bias=True)
 def build(qat: bool):
     import torch
-    from torchao.quantization.pt2e import (
-        FakeQuantize,
-        HistogramObserver,
-        MovingAverageMinMaxObserver,
-        MovingAveragePerChannelMinMaxObserver,
-        PerChannelMinMaxObserver,
-    )
+    from torchao.quantization.pt2e import FakeQuantize, HistogramObserver, MovingAverageMinMaxObserver
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
-    def spec(observer, **kwargs):
-        return observer.with_args(eps=2 ** -12, **kwargs) if not qat else FakeQuantize.with_args(
-            observer=observer, eps=2 ** -12, **kwargs)
-
+    observer = MovingAverageMinMaxObserver if qat else HistogramObserver
     activation = QuantizationSpec(
         dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
-        observer_or_fake_quant_ctr=spec(MovingAverageMinMaxObserver if qat else HistogramObserver))
-    weight = QuantizationSpec(
-        dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0,
-        observer_or_fake_quant_ctr=spec(MovingAveragePerChannelMinMaxObserver if qat else PerChannelMinMaxObserver))
+        observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer, eps=2 ** -12) if qat
+        else observer.with_args(eps=2 ** -12))
+    weight = int8_weight_spec(qat, per_channel=True)
     class ORTQuantizer(Quantizer):
         """Annotates aten.linear outside the float modules; nothing else."""
 
@@ -46,7 +36,7 @@ def build(qat: bool):
                 x, w = node.args[0], node.args[1]
                 node.meta["quantization_annotation"] = QuantizationAnnotation(
                     input_qspec_map={x: activation, w: weight}, output_qspec=activation, _annotated=True)
-            annotate_float_tables(model, table_spec(qat, per_channel=True))
+            annotate_float_tables(model, weight)
             return model
 
         def validate(self, model: torch.fx.GraphModule) -> None:

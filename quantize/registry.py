@@ -123,8 +123,8 @@ def unannotate_float_modules(graph) -> int:
     return len(gone)
 
 
-def table_spec(qat: bool, per_channel: bool):
-    """Weight-only int8 for a float table: symmetric, per row when ``per_channel``, fake-quantized under QAT."""
+def int8_weight_spec(qat: bool, per_channel: bool):
+    """Symmetric int8 for a weight or a float table: per row when ``per_channel``, fake-quantized under QAT."""
     import torch
     from torchao.quantization.pt2e import (
         FakeQuantize,

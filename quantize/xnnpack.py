@@ -5,8 +5,8 @@ from __future__ import annotations
 from difftx_edge.quantize.registry import (
     annotate_float_tables,
     float_module_types,
+    int8_weight_spec,
     register_quantizer,
-    table_spec,
     unannotate_float_modules,
 )
 
@@ -32,7 +32,7 @@ def build(qat: bool):
             super().annotate(model)
             unannotate_float_modules(model)
             # Per tensor: the delegate runs a per-tensor dequantize of a constant, not a per-channel one.
-            annotate_float_tables(model, table_spec(qat, per_channel=False))
+            annotate_float_tables(model, int8_weight_spec(qat, per_channel=False))
             return model
 
     config = consistent_fake_quant(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
