@@ -69,8 +69,11 @@ def machine_info(threads: int | None = None) -> dict:
     The load average is included because a benchmark sharing its cores with
     other work runs slower, and the reader should see that.
     """
+    from difftx_edge.runtimes.measure import cpu_features
+
     info = {
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "cores": os.cpu_count(),
         "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "machine": platform.machine(),
@@ -199,7 +202,11 @@ def markdown_table(header: list[str], rows: list[list[object]], align: str | Non
 def machine_markdown(info: dict) -> str:
     """One line of machine info for the top of a results file."""
     load = info.get("loadavg_1m_5m_15m")
-    parts = [f"{info['cpu']}", f"{info['cores']} cores", f"{info['threads']} thread(s)",
+    features = info.get("cpu_features") or {}
+    int8 = ", ".join(features.get("int8", [])) or "none"
+    dot = "with" if features.get("int8_dot_product") else "without"
+    parts = [f"{info['cpu']} (int8 features: {int8}; {dot} an int8 dot product)", f"{info['cores']} cores",
+             f"{info['threads']} thread(s)",
              f"torch {info['torch']}", f"Python {info['python']}", info["os"]]
     if load:
         parts.append(f"load average {load[0]}")

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ContextManager
 
 import numpy as np
 import torch
 from difftx_edge.convert.bundle import build_bundle
 from difftx_edge.convert.registry import FORMATS, PRECISIONS, get_format
 
-from difftx_edge.io import require_output_dir
+from difftx_edge.io import require_input_file, require_output_dir
 
 log = logging.getLogger("difftx_edge.convert")
 
@@ -26,6 +30,59 @@ def parse_formats(formats: str) -> list[str]:
     if not names:
         raise ValueError("no format given: use --format with one or more of " + ", ".join(sorted(FORMATS)))
     return names
+
+
+class ExportFailed(ValueError):
+    """Some formats failed to build; every other one was built, checked and written.
+
+    Attributes:
+        manifests: the manifests of the bundles that were written.
+        failures: one ``{"bundle": "<format>-<precision>", "reason": "<one line>"}`` per failed format.
+    """
+
+    def __init__(self, manifests: list[dict], failures: list[dict]):
+        self.manifests, self.failures = manifests, failures
+        first = failures[0]
+        message = first["reason"] if not manifests and len(failures) == 1 else (
+            f"{len(failures)} of {len(manifests) + len(failures)} bundles failed, first {first['reason']}")
+        super().__init__(message)
+
+
+# on_result(bundle, manifest, reason): called once per format as it finishes, with its manifest or the
+# one-line reason it failed. quiet(title): a context manager the format is built under (the CLI's log).
+OnResult = Callable[[str, "dict | None", "str | None"], None]
+Quiet = Callable[[str], ContextManager]
+
+
+def _each_format(names: list[str], build: Callable[[str], dict], failure: Callable[[str, Exception], str], *,
+                 on_result: OnResult | None, quiet: Quiet | None) -> list[dict]:
+    """Build every bundle in ``names``; one that fails never stops the others.
+
+    Raises:
+        ExportFailed: after all of them, when any failed.
+    """
+    manifests, failures = [], []
+    for name in names:
+        reason = None
+        with quiet(name) if quiet is not None else contextlib.nullcontext():
+            try:
+                manifests.append(build(name))
+            except ValueError as err:  # ours: parity, a length, a missing program, each one line already
+                log.info("%s failed", name, exc_info=True)
+                reason = _first_line(err)
+            # A toolchain raises what it likes; it becomes this bundle's one line, its traceback goes to the log.
+            except Exception as err:  # noqa: BLE001
+                log.exception("%s failed", name)
+                reason = failure(name, err)
+        if reason is not None:
+            # One line that names the bundle once: parity's own message starts with it already.
+            reason = reason if reason.startswith(f"{name} ") else f"{name}: {reason}"
+            failures.append({"bundle": name, "reason": reason})
+        if on_result is not None:
+            on_result(name, manifests[-1] if reason is None else None, reason)
+    if failures:
+        raise ExportFailed(manifests, failures)
+    return manifests
 
 
 @dataclass
@@ -56,15 +113,24 @@ class ExportConfig:
             raise ValueError(f"seq_len must be at least 1, got {self.seq_len}")
 
 
-def export_run(cfg: ExportConfig) -> list[dict]:
+def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Quiet | None = None) -> list[dict]:
     """Export a trained run to one bundle per format, each checked in its runtime.
+
+    A format that fails (its toolchain, or parity) never stops the others.
+
+    Args:
+        cfg: the run, formats, precision and output folder.
+        on_result: ``on_result(bundle, manifest, reason)``, called as each format finishes.
+        quiet: ``quiet(bundle)``, a context manager each format is built under (the CLI sends the
+            toolchains' output to a log with it).
 
     Returns:
         The manifests written.
 
     Raises:
-        ValueError: bad config, a length the model cannot serve, a missing
-            extra or quantized program, an export or parity failure.
+        ValueError: before anything is built: bad config, a length the model
+            cannot serve, a missing extra or int8 program.
+        ExportFailed: (a ValueError) after every format was tried, when any failed.
     """
     from difftx_edge.quantize.api import sha256_file, versions
 
@@ -74,8 +140,8 @@ def export_run(cfg: ExportConfig) -> list[dict]:
 
     out = require_output_dir(cfg.out)
     threads = set_threads(cfg.threads, 1)
-    specs = [get_format(name) for name in parse_formats(cfg.format)]
-    for spec in specs:
+    specs = {spec.name: spec for spec in (get_format(name) for name in parse_formats(cfg.format))}
+    for spec in specs.values():
         spec.require(cfg.precision)
     model, run_config = load_run(cfg.run)
     task = load_task(TaskConfig(**run_config["task"]))
@@ -84,9 +150,15 @@ def export_run(cfg: ExportConfig) -> list[dict]:
     if limit is not None and N > limit:
         raise ValueError(f"sequence length {N} is longer than this model can serve ({limit}: its learned position "
                          "table or low-rank projection): choose --seq-len <= " + str(limit))
+    # Bad input, found before any format is built: a missing program, another length, or a file the safe
+    # loader refuses (each backend's quantizer writes its own program, so no two formats share one).
+    int8_programs = {name: _int8_program(cfg, spec, N) for name, spec in specs.items()} \
+        if cfg.precision == "int8" else {}
     test_x, test_y = _fit_length(task.test.inputs, N), task.test.targets
     same_length = N == task.seq_len
-    source = {"run": str(Path(cfg.run).resolve()), "sha256": sha256_file(Path(cfg.run) / "model.safetensors")}
+    # Only the run's folder name: manifests ship inside apps, and a build machine's paths are no app's business.
+    # The checkpoint's sha256 identifies the run (bench --accuracy finds it by that).
+    source = {"run": Path(cfg.run).resolve().name, "sha256": sha256_file(Path(cfg.run) / "model.safetensors")}
     info = run_config.get("task_info") or {}
     example = test_x[:cfg.batch]
     batches = [test_x[i:i + cfg.batch] for i in range(0, len(test_x) - cfg.batch + 1, cfg.batch)]
@@ -95,10 +167,11 @@ def export_run(cfg: ExportConfig) -> list[dict]:
     accuracy_split = None
     if cfg.accuracy and same_length:  # another length has no labelled data
         accuracy_split = ([b.numpy() for b in batches], [y.numpy() for y in labels])
-    manifests = []
-    for spec in specs:
+
+    def build(name: str) -> dict:
+        spec = specs[name.rsplit("-", 1)[0]]
         if cfg.precision == "int8":
-            program, quant_dir, step, reference_module = _int8_program(cfg, spec, N)
+            program, quant_dir, step, reference_module = int8_programs[spec.name]
         else:
             # Exported afresh for each format: an exporter may rewrite the program's lifted constants in place.
             reference_module = model
@@ -117,14 +190,32 @@ def export_run(cfg: ExportConfig) -> list[dict]:
                      "label_names": info.get("label_names"), "vocab": info.get("vocab"),
                      "input_kind": "tokens" if model.cfg.vocab_size is not None else "features"},
             "model": run_config["model"], "source": source, "versions": versions(None),
-            "quantized_from": str(quant_dir) if quant_dir else None,
+            # RUN/int8/<backend> by convention: the last two folder names say which program, without the path.
+            "quantized_from": f"{quant_dir.parent.name}/{quant_dir.name}" if quant_dir else None,
         }
         log.info("exporting %s %s", spec.name, cfg.precision)
-        manifests.append(build_bundle(
+        return build_bundle(
             spec, program, cfg.precision, out=out, reference=reference, parity_inputs=parity_inputs,
             output_step=step, meta=meta, accuracy_split=accuracy_split, threads=threads,
-            options={"example": (example,), "deployment_target": cfg.deployment_target}))
-    return manifests
+            options={"example": (example,), "deployment_target": cfg.deployment_target})
+
+    return _each_format([f"{name}-{cfg.precision}" for name in specs], build,
+                        lambda name, err: f"{type(err).__name__}: {_first_line(err)}", on_result=on_result,
+                        quiet=quiet)
+
+
+def _int8_dir(cfg: ExportConfig, spec, N: int) -> Path:
+    """The backend's quantize output folder; raises ValueError when it has no program of length ``N``."""
+    quant_dir = Path(cfg.quantized or Path(cfg.run) / "int8") / spec.quantizer
+    try:
+        quantized_len = json.loads((quant_dir / "quant_config.json").read_text())["input"]["shape"][1]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        raise ValueError(f"no int8 program for {spec.name} in {quant_dir}: run difftx-edge quantize --run {cfg.run} "
+                         f"--backend {spec.quantizer} --out {quant_dir} first") from None
+    if N != quantized_len:
+        raise ValueError(f"the int8 program in {quant_dir} was quantized at sequence length {quantized_len}: "
+                         f"export int8 with --seq-len {quantized_len}, or quantize again at {N}")
+    return quant_dir
 
 
 def _int8_program(cfg: ExportConfig, spec, N: int):
@@ -132,15 +223,8 @@ def _int8_program(cfg: ExportConfig, spec, N: int):
     from difftx_edge.quantize import load_quantized
     from difftx_edge.quantize.pt2e import output_step
 
-    quant_dir = Path(cfg.quantized or Path(cfg.run) / "int8") / spec.quantizer
-    if not (quant_dir / "quant_config.json").is_file():
-        raise ValueError(f"no int8 program for {spec.name} in {quant_dir}: run difftx-edge quantize --run {cfg.run} "
-                         f"--backend {spec.quantizer} --out {quant_dir} first")
+    quant_dir = _int8_dir(cfg, spec, N)
     program, qconfig = load_quantized(quant_dir)
-    quantized_len = qconfig["input"]["shape"][1]
-    if N != quantized_len:
-        raise ValueError(f"the int8 program in {quant_dir} was quantized at sequence length {quantized_len}: "
-                         f"export int8 with --seq-len {quantized_len}, or quantize again at {N}")
     module = program.module()
     shape = [cfg.batch, *qconfig["input"]["shape"][1:]]
     example = torch.zeros(shape, dtype=getattr(torch, qconfig["input"]["dtype"]))
@@ -150,17 +234,24 @@ def _int8_program(cfg: ExportConfig, spec, N: int):
 
 def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = "all", precision: str = "fp32",
                 deployment_target: str = "iOS17", parity_batches: int = 8, threads: int = 1,
-                seed: int = 0) -> list[dict]:
+                seed: int = 0, on_result: OnResult | None = None, quiet: Quiet | None = None) -> list[dict]:
     """Convert any model saved with ``torch.export.save`` to bundles, checked on random inputs.
 
+    A format that fails (an op it cannot lower, its toolchain, parity) never
+    stops the others; ``on_result`` and ``quiet`` are as in :func:`export_run`.
+
+    Returns:
+        The manifests written.
+
     Raises:
-        ValueError: a corrupt file, an unsupported op (named), a missing extra, or a parity failure.
+        ValueError: before anything is built: a corrupt file, a missing extra, a bad format or precision.
+        ExportFailed: (a ValueError) after every format was tried, when any failed: an unsupported op
+            (named), a toolchain error or a parity failure, one line each.
     """
     from difftx_edge.quantize.api import sha256_file, versions
 
-    path, out = Path(path), require_output_dir(out)
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: give a file written by torch.export.save")
+    path = require_input_file(path, "model", "give a file written by torch.export.save")
+    out = require_output_dir(out)
     specs = [get_format(name) for name in parse_formats(formats)]
     for spec in specs:
         spec.require(precision)
@@ -169,20 +260,18 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a readable torch.export file (not a .pt2 archive): re-save it with "
                          "torch.export.save")
-    export_log = logging.getLogger("torch.export")
-    level = export_log.level
-    export_log.setLevel(logging.ERROR)  # it logs a traceback before raising; the error below says it in one line
-    try:
-        program = torch.export.load(path)
-    except (RuntimeError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} is not a readable torch.export file ({type(err).__name__}): re-save it with "
-                         "torch.export.save") from err
-    finally:
-        export_log.setLevel(level)
+    from difftx_edge.untrusted import load_exported_program
+
+    program = load_exported_program(path)  # never torch.export.load: it can unpickle, and so run, the file's code
     args = _example_args(program, seed, parity_batches)
     module = program.module()
-    manifests = []
-    for spec in specs:
+    specs_by_name = {spec.name: spec for spec in specs}
+    # The file's name only: manifests ship inside apps; the sha256 identifies the program.
+    source = {"pt2": path.name, "sha256": sha256_file(path)}
+
+    def build(name: str) -> dict:
+        spec = specs_by_name[name.rsplit("-", 1)[0]]
+
         def reference(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():
                 y = module(torch.from_numpy(x))
@@ -192,18 +281,15 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
         meta = {"inputs": [{"name": "x", "shape": list(args[0].shape), "dtype": _dtype_name(
                     torch.from_numpy(args[0]).dtype, spec.name)}],
                 "outputs": [{"name": "output", "shape": out_shape, "dtype": "float32"}],
-                "task": None, "source": {"pt2": str(path.resolve()), "sha256": sha256_file(path)},
-                "versions": versions(None)}
-        try:
-            manifests.append(build_bundle(spec, program, precision, out=out, reference=reference,
-                                          parity_inputs=args, output_step=None, meta=meta, threads=threads,
-                                          options={"example": (torch.from_numpy(args[0]),),
-                                                   "deployment_target": deployment_target}))
-        except ValueError:  # ours already: parity, a missing extra
-            raise
-        except Exception as err:  # any toolchain failure becomes one line, naming the op where it can
-            raise ValueError(_conversion_failure(spec.name, path.name, err, program)) from err
-    return manifests
+                "task": None, "source": source, "versions": versions(None)}
+        return build_bundle(spec, program, precision, out=out, reference=reference, parity_inputs=args,
+                            output_step=None, meta=meta, threads=threads,
+                            options={"example": (torch.from_numpy(args[0]),), "deployment_target": deployment_target})
+
+    # A toolchain's failure becomes one line, naming the op where it can.
+    return _each_format([f"{spec.name}-{precision}" for spec in specs], build,
+                        lambda name, err: _conversion_failure(name.rsplit("-", 1)[0], path.name, err, program),
+                        on_result=on_result, quiet=quiet)
 
 
 def _conversion_failure(fmt: str, name: str, err: BaseException, program) -> str:
@@ -236,8 +322,11 @@ def _example_args(program, seed: int, n: int) -> list[np.ndarray]:
     user_inputs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     if len(user_inputs) != 1:
         raise ValueError(f"convert supports programs with one tensor input, this one has {len(user_inputs)}")
-    (node,) = [n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0].arg.name]
-    fake = node.meta["val"]
+    nodes = [n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0].arg.name]
+    fake = nodes[0].meta.get("val") if len(nodes) == 1 else None
+    if not isinstance(fake, torch.Tensor):
+        raise ValueError(f"convert supports programs with one tensor input; this one's input is "
+                         f"{type(fake).__name__}: export the model with a tensor example input")
     shape = [int(d) for d in fake.shape]  # a dynamic dimension uses its export-time hint
     rng = np.random.default_rng(seed)
     if fake.dtype.is_floating_point:

@@ -8,11 +8,9 @@ bundle, and an existing bundle is replaced in one step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +18,9 @@ import numpy as np
 import torch
 from difftx_edge.convert.registry import FormatSpec
 from difftx_edge.runtimes.measure import accuracy as task_accuracy
+from difftx_edge.runtimes.registry import sha256_tree
+
+from difftx_edge.io import make_dirs, make_stage_dir, remove_empty_dirs, remove_stale_stages
 
 # Parity tolerances: fp32 in absolute logits; int8 in output quantization steps, plus top-1 agreement.
 FP32_ATOL = 1e-4
@@ -27,6 +28,14 @@ FP16_ATOL = 5e-2
 INT8_MAX_STEPS = 2.0
 INT8_MIN_AGREEMENT = 0.99
 MANIFEST = "manifest.json"
+# What a parity failure line says to try next. The int8 artifact is held to the converted int8 program, so
+# a gap is the runtime's integer kernels rounding differently: they pick their code path by CPU feature (an
+# int8 dot product or not: parity.machine) and split work by thread count; QAT and PTQ give different weights
+# and scales, so the other method's program can fall on the kernels' safe side.
+INT8_NEXT = ("try: export again with --threads 1; quantize with the other --method (ptq or qat) and export again; "
+             "else report it with the quantized.pt2 and this line (the manifest's parity.machine names the CPU)")
+FLOAT_NEXT = ("an error this size means the runtime computes some op differently from PyTorch, not rounding: try "
+              "--threads 1, else report it with the model (.pt2 or run) and this line")
 
 
 def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precision: str, *, out: Path,
@@ -55,8 +64,11 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
     """
     out, meta = Path(out), dict(meta)
     name = f"{spec.name}-{precision}"
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
+    # OUT is made here, not by the caller, and removed again if this bundle fails and it is left empty:
+    # a failed export leaves no new folder. Staging a kill left behind is removed before a new one starts.
+    created = make_dirs(out)
+    remove_stale_stages(out, f".{name}.")
+    stage = make_stage_dir(out, f".{name}.")
     try:
         artifact = stage / spec.filename
         started = time.perf_counter()
@@ -68,6 +80,7 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
         parity = compare(runtime_out, torch_out, precision, output_step)
         parity["check"] = ("reference evaluation of the saved program with coremltools' per-op numpy code "
                            "(not the Core ML runtime)") if spec.check == "reference" else f"{spec.name} runtime"
+        parity["machine"] = checked_on()
         if not parity["passed"]:
             raise ValueError(f"{name} failed parity against PyTorch: {parity['failure']}; no bundle written")
         accuracy = None
@@ -78,7 +91,7 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
                         "examples": int(sum(len(t) for t in targets)), "measured_by": parity["check"]}
         manifest = {
             "format": spec.name, "precision": precision, "artifact": spec.filename,
-            "artifact_bytes": _size(artifact), "artifact_sha256": _sha256(artifact),
+            "artifact_bytes": _size(artifact), "artifact_sha256": sha256_tree(artifact),
             **artifact_io(spec, artifact, facts, meta.pop("inputs"), meta.pop("outputs")),
             **meta, **facts, "parity": parity, "accuracy": accuracy,
             "export_seconds": round(export_seconds, 3),
@@ -89,6 +102,7 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
         return manifest
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        remove_empty_dirs(created)
         raise
 
 
@@ -151,14 +165,18 @@ def compare(runtime_out: list[np.ndarray], torch_out: list[np.ndarray], precisio
         # Both sides dequantize integers with float32 scales: 2 steps can read 2.0000026.
         ok = steps <= INT8_MAX_STEPS + 1e-3 and result["top1_agreement"] >= INT8_MIN_AGREEMENT
         within = float((diff <= INT8_MAX_STEPS * output_step).mean()) if output_step else 0.0
-        failure = (f"{steps:.2f} output steps apart at most ({result['mean_abs_error'] / output_step:.2f} on average, "
-                   f"{within:.2%} of logits within {INT8_MAX_STEPS:g}), top-1 agreement "
-                   f"{result['top1_agreement']:.2%}") if output_step else "no output quantization step to compare in"
+        if output_step:
+            failure = (f"{steps:.2f} output steps apart at most ({result['mean_abs_error'] / output_step:.2f} on "
+                       f"average, {within:.2%} of logits within {INT8_MAX_STEPS:g}), top-1 agreement "
+                       f"{result['top1_agreement']:.2%}; {INT8_NEXT}")
+        else:
+            failure = "no output quantization step to compare in: export int8 from a program of difftx-edge quantize"
     else:
         atol = FP32_ATOL if precision == "fp32" else FP16_ATOL
         result["tolerance"] = f"max abs error <= {atol:g}"
         ok = result["max_abs_error"] <= atol
-        failure = f"max abs error {result['max_abs_error']:.3g} > {atol:g}"
+        failure = (f"max abs error {result['max_abs_error']:.3g} > {atol:g}, the {precision} tolerance on the logits; "
+                   + FLOAT_NEXT)
     result["passed"] = bool(ok)
     if not ok:
         result["failure"] = failure
@@ -175,7 +193,7 @@ MANIFEST_SCHEMA = {
 }
 TENSOR_SCHEMA = {"name": str, "shape": list, "dtype": str}
 PARITY_SCHEMA = {"max_abs_error": float, "mean_abs_error": float, "top1_agreement": float, "samples": int,
-                 "passed": bool, "tolerance": str, "check": str}
+                 "passed": bool, "tolerance": str, "check": str, "machine": dict}
 
 
 def validate_manifest(manifest: dict) -> None:
@@ -200,6 +218,14 @@ def validate_manifest(manifest: dict) -> None:
         raise ValueError("manifest of a Core ML bundle lacks 'program' (its ops, I/O and weight dtypes)")
 
 
+def checked_on() -> dict:
+    """The machine parity ran on: integer kernels differ by CPU feature, so a parity result is read against it."""
+    from difftx_edge.runtimes.measure import describe
+
+    machine = describe()
+    return {key: machine[key] for key in ("machine", "cpu", "cpu_features")}
+
+
 def _runner(spec: FormatSpec, artifact: Path, threads: int, facts: dict):
     if spec.check == "reference":
         from difftx_edge.convert.coreml_reference import reference_predict
@@ -222,7 +248,8 @@ def _swap_in(stage: Path, target: Path) -> None:
     """Rename the finished bundle into place; an older bundle is replaced, never merged."""
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+        # Named like a stage, so a kill between the two renames leaves nothing the next run keeps.
+        old = make_stage_dir(target.parent, f".{target.name}.")
         os.replace(target, old / target.name)
     os.replace(stage, target)
     if old is not None:
@@ -231,11 +258,3 @@ def _swap_in(stage: Path, target: Path) -> None:
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    for f in files:
-        digest.update(f.read_bytes())
-    return digest.hexdigest()

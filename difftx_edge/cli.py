@@ -3,6 +3,12 @@
 Flags are generated from the config dataclasses, so each flag has its field's
 name (``--d-model`` is ``ModelConfig.d_model``) and the same validation. Bad
 input is reported once, here, as one line and a non-zero exit code.
+
+Exit codes: 0 success; 1 some bench rows or bundles failed (the others are
+written); 2 any error, with one line on stderr and no traceback: bad input,
+and also an unexpected failure inside a library, whose line names a log file
+holding the full traceback; 130 interrupted. A failed command removes the
+output folders it created, when they are still empty.
 """
 
 from __future__ import annotations
@@ -10,8 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
+import tempfile
+import time
+import traceback
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from difftx_edge import __version__
 from difftx_edge.model import ModelConfig
@@ -22,7 +34,19 @@ EXIT_USAGE = 2
 EXIT_ROWS_FAILED = 1  # bench: some rows failed; the results, with each row's error, are written
 TASK_FLAGS = [f.name for f in fields(TaskConfig) if f.name not in ("name", "seed")]
 
-_TYPES = {"int": int, "float": float, "str": str}
+
+def finite_float(text: str) -> float:
+    """argparse's type for float flags: nan and inf are no setting of any of ours."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: give a real value such as 0.001")
+    return value
+
+
+_TYPES = {"int": int, "float": finite_float, "str": str}
 
 
 def _flag(name: str) -> str:
@@ -166,19 +190,23 @@ def _quantize(args: argparse.Namespace) -> None:
                       "seconds": report["seconds"]["total"]}))
 
 
-def _export(args: argparse.Namespace) -> None:
+def _export(args: argparse.Namespace) -> int:
     from difftx_edge.convert import ExportConfig, export_run
+    from difftx_edge.quiet import build_quietly
 
-    for manifest in export_run(ExportConfig(**pick(args, ExportConfig, drop_none=False))):
-        print(json.dumps(_bundle_line(args.out, manifest)))
+    cfg = ExportConfig(**pick(args, ExportConfig, drop_none=False))
+    # A failed format is one line and exit 1; every other one is written. Bad input is exit 2 (main).
+    return build_quietly("export", args.out, lambda **hooks: export_run(cfg, **hooks),
+                         lambda manifest: _bundle_line(args.out, manifest))
 
 
-def _convert(args: argparse.Namespace) -> None:
+def _convert(args: argparse.Namespace) -> int:
     from difftx_edge.convert import convert_pt2
+    from difftx_edge.quiet import build_quietly
 
-    for manifest in convert_pt2(args.model, args.out, args.format, args.precision, args.deployment_target,
-                                threads=args.threads):
-        print(json.dumps(_bundle_line(args.out, manifest)))
+    return build_quietly("convert", args.out, lambda **hooks: convert_pt2(
+        args.model, args.out, args.format, args.precision, args.deployment_target, threads=args.threads, **hooks),
+        lambda manifest: _bundle_line(args.out, manifest))
 
 
 def _bundle_line(out: str, manifest: dict) -> dict:
@@ -188,13 +216,13 @@ def _bundle_line(out: str, manifest: dict) -> dict:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from difftx_edge.runtimes.bench import BenchConfig, bench, summary_line, table
+    from difftx_edge.runtimes.bench import BenchConfig, bench, failed_rows, summary_line, table
 
     cfg = BenchConfig(**pick(args, BenchConfig, drop_none=False))
     results = bench(cfg, progress=sys.stderr.isatty())
     print(table(results))
     print(f"{summary_line(results)}; results in {cfg.out}", file=sys.stderr)
-    return EXIT_ROWS_FAILED if any(row["status"] != "ok" for row in results["rows"]) else 0
+    return EXIT_ROWS_FAILED if failed_rows(results) else 0  # Core ML's "not run (macOS only)" is no failure
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -208,8 +236,10 @@ def _pipeline(args: argparse.Namespace) -> int:
         print("difftx-edge pipeline: interrupted; finished stages are kept, run it again to resume", file=sys.stderr)
         return 130
     print(json.dumps({"report": f"{cfg.out}/report.md", "seconds": summary["seconds"],
-                      "stages": {entry["stage"]: entry["status"] for entry in summary["stages"]}}))
-    return 0
+                      "stages": {entry["stage"]: entry["status"] for entry in summary["stages"]},
+                      "failed": {failure["unit"]: failure["reason"] for failure in summary["failed"]}}))
+    # A failed unit never stops the others: everything else is written, and the exit code says something failed.
+    return EXIT_ROWS_FAILED if summary["failed"] else 0
 
 
 def _formats(args: argparse.Namespace) -> None:
@@ -227,16 +257,89 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("torchao").addFilter(_drop_missing_cuda_kernels)
     args = build_parser().parse_args(argv)
+    verb = args.verb
+    created: list[Path] = []
     try:
+        _check_threads(args)
+        if getattr(args, "out", None):
+            from difftx_edge.io import missing_dirs, require_output_dir
+
+            require_output_dir(args.out)  # before any work: a bad --out costs no training or QAT
+            created = missing_dirs(args.out)
         code = args.handler(args)
-    except (ValueError, OSError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"difftx-edge {args.verb}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"difftx-edge {args.verb}: interrupted; finished epochs are saved", file=sys.stderr)
+        _remove_created(created)
+        kept = "finished epochs are saved, --resume continues" if verb == "train" else "nothing half-written is kept"
+        print(f"difftx-edge {verb}: interrupted; {kept}", file=sys.stderr)
         return 130
+    # Anything else is one line too: ours (ValueError, OSError) as it is, a library's failure with a log.
+    except Exception as err:  # noqa: BLE001
+        _remove_created(created)
+        print(f"difftx-edge {verb}: error: {_one_line(err, verb, argv)}", file=sys.stderr)
+        return EXIT_USAGE
     return code or 0
+
+
+def _check_threads(args: argparse.Namespace) -> None:
+    from difftx_edge.train import check_threads
+
+    for name in ("threads", "bench_threads"):
+        value = getattr(args, name, None)
+        if value is not None:
+            check_threads(value, _flag(name))
+
+
+def _remove_created(created: list[Path]) -> None:
+    from difftx_edge.io import remove_empty_dirs
+
+    remove_empty_dirs(created)
+
+
+_MEMORY_ADVICE = ("lower --batch-size, --seq-len or the model size (--d-model, --n-layers), or use a linear-cost "
+                  "--attention (local, linear, hybrid)")
+
+
+def _one_line(err: BaseException, verb: str, argv: list[str] | None) -> str:
+    """What went wrong, in one line: our own errors as they are, anything else with a log of its traceback."""
+    if isinstance(err, OSError) and err.filename is not None:  # a raw errno names no remedy
+        return f"{err.strerror or type(err).__name__}: {err.filename}: check the path, its permissions and free space"
+    if isinstance(err, (ValueError, OSError)) and not _out_of_memory(err):
+        return " ".join(str(err).split()) or type(err).__name__
+    log_path = _traceback_log(err, verb, sys.argv[1:] if argv is None else argv)
+    where = f"; full traceback in {log_path}" if log_path else ""
+    if _out_of_memory(err):
+        return f"out of memory ({_first_line(err)}): {_MEMORY_ADVICE}{where}"
+    return (f"unexpected {type(err).__name__}: {_first_line(err)}{where} (please report it with the log, "
+            "it is a bug)")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    # torch reports a failed allocation as RuntimeError ("DefaultCPUAllocator: can't allocate memory",
+    # "CUDA out of memory"), numpy as MemoryError or numpy._core._exceptions._ArrayMemoryError.
+    text = str(err)
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()))
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _traceback_log(err: BaseException, verb: str, argv: list[str]) -> str | None:
+    """Write the full traceback to a new log file in the temporary folder; its path, or None if that failed.
+
+    Not into --out: a failed command leaves no new file there.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"difftx-edge-{verb}-{stamp}-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"difftx-edge {' '.join(argv)}\n")
+            traceback.print_exception(type(err), err, err.__traceback__, file=f)
+    except OSError:
+        return None
+    return path
 
 
 if __name__ == "__main__":

@@ -19,23 +19,22 @@ key's sha256 and the sha256 of each output. A unit is skipped when its record
 names the same key and its outputs still hash to what was recorded. Keys hash
 the outputs of earlier units, so redoing one redoes what depends on whatever
 changed, and nothing else. A record is deleted before its unit runs and
-written, atomically, after the unit's outputs: an interrupted unit leaves no
-record and is redone, and an interrupted training run continues from its last
-finished epoch.
+written, atomically, after the unit's outputs: an interrupted or failed unit
+leaves no record and is redone, and an interrupted training run continues from
+its last finished epoch. A failed unit stops only what reads its outputs: the
+other units run, and the report marks the failure with its one-line reason.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import platform
-import sys
+import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from difftx_edge.convert import FORMATS, PRECISIONS, ExportConfig
@@ -43,6 +42,7 @@ from difftx_edge.convert.api import parse_formats
 from difftx_edge.io import atomic_write_bytes, atomic_write_json, require_output_dir
 from difftx_edge.model import ModelConfig
 from difftx_edge.quantize import QuantConfig
+from difftx_edge.quiet import Console, into_log
 from difftx_edge.runtimes.bench import DEFAULT_RUNS, BenchConfig
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig
@@ -222,6 +222,8 @@ class Unit:
     key: dict
     outputs: list[Path]
     run: Callable[[], None]
+    blocked: str | None = None  # why it cannot run: a unit it needs failed (then it is not run, and not recorded)
+    discard: bool = False  # its outputs are removed when it fails: an older bundle must not pass for this one
 
 
 def digest(path: Path) -> str:
@@ -289,10 +291,27 @@ class Context:
     out: Path
     versions: dict
     progress: bool
+    failed: dict[str, str] = field(default_factory=dict)  # unit -> its one-line reason, in this invocation
 
     @property
     def run(self) -> Path:
         return self.out / RUN
+
+    def blocked(self, needs: Iterable[str]) -> str | None:
+        """Why a unit that reads the outputs of ``needs`` cannot run, or None: the first of them that failed."""
+        for name in needs:
+            if name in self.failed:
+                return f"{name} failed"
+        return None
+
+    def exported(self, names: Iterable[str]) -> list[str]:
+        """The bundles among ``names`` whose export did not fail in this invocation."""
+        return [name for name in names if f"export-{name}" not in self.failed]
+
+    def not_exported(self) -> dict[str, str]:
+        """Bundle -> why its export failed (or did not run), in this invocation."""
+        return {name: self.failed[f"export-{name}"] for name in self.plan.bundle_names
+                if f"export-{name}" in self.failed}
 
 
 def _train_units(ctx: Context) -> list[Unit]:
@@ -332,15 +351,16 @@ def _quantize_units(ctx: Context) -> list[Unit]:
     from difftx_edge.quantize.api import CONFIG, PROGRAM, REPORT
 
     units = []
+    blocked = ctx.blocked(["train"])
     for backend in ctx.plan.backends:
         qdir = ctx.out / INT8 / backend
         qcfg = QuantConfig(run=str(ctx.run), out=str(qdir), backend=backend, method="qat", epochs=ctx.cfg.qat_epochs,
                            seed=ctx.cfg.seed, threads=ctx.cfg.threads)
-        key = {"quant": _settings(qcfg), "inputs": _digests(ctx.out, [f"{RUN}/{n}" for n in RUN_FILES]),
-               "versions": ctx.versions}
+        key = {} if blocked else {"quant": _settings(qcfg), "versions": ctx.versions,
+                                  "inputs": _digests(ctx.out, [f"{RUN}/{n}" for n in RUN_FILES])}
         units.append(Unit(f"quantize-{backend}", backend, key,
                           [qdir / PROGRAM, qdir / CONFIG, qdir / REPORT],
-                          lambda qcfg=qcfg: quantize(qcfg, force=True, progress=ctx.progress)))
+                          lambda qcfg=qcfg: quantize(qcfg, force=True, progress=ctx.progress), blocked=blocked))
     return units
 
 
@@ -352,30 +372,51 @@ def _export_units(ctx: Context) -> list[Unit]:
         ecfg = ExportConfig(run=str(ctx.run), out=str(ctx.out / BUNDLES), format=fmt, precision=precision,
                             quantized=str(ctx.out / INT8), threads=ctx.cfg.threads)
         reads = [f"{RUN}/{n}" for n in RUN_FILES]
+        needs = ["train"]
         if precision == "int8":
             reads += [f"{INT8}/{FORMATS[fmt].quantizer}/{n}" for n in ("quantized.pt2", "quant_config.json")]
-        key = {"export": _settings(ecfg), "inputs": _digests(ctx.out, reads), "versions": ctx.versions}
+            needs.append(f"quantize-{FORMATS[fmt].quantizer}")
+        blocked = ctx.blocked(needs)
+        key = {} if blocked else {"export": _settings(ecfg), "inputs": _digests(ctx.out, reads),
+                                  "versions": ctx.versions}
         name = f"{fmt}-{precision}"
         units.append(Unit(f"export-{name}", name, key, [ctx.out / BUNDLES / name],
-                          lambda ecfg=ecfg: export_run(ecfg)))
+                          lambda ecfg=ecfg: export_run(ecfg), blocked=blocked, discard=True))
     return units
 
 
 def _check_units(ctx: Context) -> list[Unit]:
-    manifests = [f"{BUNDLES}/{name}/manifest.json" for name in ctx.plan.bundle_names]
-    key = {"accuracy_tolerance": ACCURACY_TOLERANCE, "inputs": _digests(ctx.out, manifests)}
-    return [Unit("check", _count(len(manifests), "bundle"), key, [ctx.out / CHECKS], lambda: _check_bundles(ctx))]
+    exported, not_exported = ctx.exported(ctx.plan.bundle_names), ctx.not_exported()
+    blocked = None if exported else "no bundle was exported"
+    manifests = [f"{BUNDLES}/{name}/manifest.json" for name in exported]
+    # The bundles that failed to export are in the key, so that the check runs again once they exist.
+    key = {} if blocked else {"accuracy_tolerance": ACCURACY_TOLERANCE, "inputs": _digests(ctx.out, manifests),
+                              "not_exported": not_exported}
+    return [Unit("check", _count(len(manifests), "bundle"), key, [ctx.out / CHECKS], lambda: _check_bundles(ctx),
+                 blocked=blocked)]
 
 
 def _check_bundles(ctx: Context) -> dict:
     """Write ``checks.json``: each bundle's parity and runtime accuracy against PyTorch's.
 
+    A bundle that failed to export has a row that says so; it does not fail
+    this unit (its export unit has failed already).
+
     Raises:
-        ValueError: a bundle failed parity, or its accuracy in the runtime is
-            more than ``ACCURACY_TOLERANCE`` from PyTorch's on the same inputs.
+        ValueError: an exported bundle failed parity, or its accuracy in the
+            runtime is more than ``ACCURACY_TOLERANCE`` from PyTorch's on the
+            same inputs. ``checks.json`` is written first.
     """
+    (ctx.out / CHECKS).unlink(missing_ok=True)  # a check that fails half-way must not leave an older one to report
     rows = []
+    not_exported = ctx.not_exported()
     for name in ctx.plan.bundle_names:
+        if name in not_exported:
+            fmt, precision = name.rsplit("-", 1)
+            rows.append({"bundle": name, "format": fmt, "precision": precision, "exported": False,
+                         "checked_by": None, "parity": None, "accuracy": None, "passed": False,
+                         "problems": [f"not exported: {not_exported[name]}"]})
+            continue
         manifest = json.loads((ctx.out / BUNDLES / name / "manifest.json").read_text())
         parity, accuracy = manifest["parity"], manifest["accuracy"]
         problems = [] if parity["passed"] else [f"parity failed: {parity.get('failure')}"]
@@ -385,11 +426,11 @@ def _check_bundles(ctx: Context) -> dict:
             problems.append(f"accuracy in the runtime {accuracy['artifact']:.2%} is more than "
                             f"{ACCURACY_TOLERANCE:.0%} from PyTorch's {accuracy['pytorch']:.2%}")
         rows.append({"bundle": name, "format": manifest["format"], "precision": manifest["precision"],
-                     "checked_by": parity["check"], "parity": parity, "accuracy": accuracy,
+                     "exported": True, "checked_by": parity["check"], "parity": parity, "accuracy": accuracy,
                      "passed": not problems, "problems": problems})
     checks = {"accuracy_tolerance": ACCURACY_TOLERANCE, "bundles": rows, "passed": all(r["passed"] for r in rows)}
     atomic_write_json(ctx.out / CHECKS, checks)
-    failed = [row for row in rows if not row["passed"]]
+    failed = [row for row in rows if row["exported"] and not row["passed"]]
     if failed:
         raise ValueError(f"{len(failed)} of {len(rows)} bundles failed their check, first {failed[0]['bundle']}: "
                          f"{failed[0]['problems'][0]}")
@@ -399,34 +440,42 @@ def _check_bundles(ctx: Context) -> dict:
 def _bench_units(ctx: Context) -> list[Unit]:
     if not ctx.plan.benched:
         return []
-    from difftx_edge.runtimes.bench import bench
+    from difftx_edge.runtimes.bench import bench, failed_rows
 
-    bcfg = BenchConfig(bundles=[str(ctx.out / BUNDLES / name) for name in ctx.plan.benched], target=ctx.cfg.target,
-                       threads=ctx.cfg.bench_threads, runs=ctx.cfg.runs, out=str(ctx.out / BENCH))
-    key = {"bench": _settings(bcfg, leave_out=("bundles", "out")),
-           "inputs": _digests(ctx.out, [f"{BUNDLES}/{n}" for n in ctx.plan.benched]), "machine": _machine(),
-           "versions": ctx.versions}
+    timed = ctx.exported(ctx.plan.benched)  # a bundle that failed to export has no row: the report says why
+    blocked = None if timed else "no bundle to time was exported"
+    bcfg = BenchConfig(bundles=[str(ctx.out / BUNDLES / name) for name in timed or ctx.plan.benched],
+                       target=ctx.cfg.target, threads=ctx.cfg.bench_threads, runs=ctx.cfg.runs,
+                       out=str(ctx.out / BENCH))
+    key = {} if blocked else {"bench": _settings(bcfg, leave_out=("bundles", "out")),
+                              "inputs": _digests(ctx.out, [f"{BUNDLES}/{n}" for n in timed]), "machine": _machine(),
+                              "versions": ctx.versions}
 
     def run() -> None:
+        # A benchmark that fails before it writes its results must not leave an older run's results to report.
+        (ctx.out / BENCH / "results.json").unlink(missing_ok=True)
         results = bench(bcfg, progress=ctx.progress)
-        failed = [row for row in results["rows"] if row["status"] != "ok"]
+        failed = failed_rows(results)
         if failed:
             raise ValueError(f"{len(failed)} of {len(results['rows'])} rows failed, first "
                              f"{Path(failed[0]['source']).name}: {failed[0]['error']}")
 
-    return [Unit("bench", f"{_count(len(ctx.plan.benched), 'bundle')} on {ctx.cfg.target}, "
+    return [Unit("bench", f"{_count(len(timed), 'bundle')} on {ctx.cfg.target}, "
                           f"{_count(ctx.cfg.runs, 'run')} each", key,
-                 [ctx.out / BENCH / name for name in BENCH_FILES], run)]
+                 [ctx.out / BENCH / name for name in BENCH_FILES], run, blocked=blocked)]
 
 
 def _report_units(ctx: Context) -> list[Unit]:
-    key = {"config": asdict(ctx.cfg), "inputs": _digests(ctx.out, _report_inputs(ctx.plan)), "machine": _machine(),
-           "versions": ctx.versions}
+    blocked = ctx.blocked(["train"])
+    # What failed is part of the key: the report marks it. Inputs a failed unit did not write are left out.
+    inputs = [name for name in _report_inputs(ctx.plan) if (ctx.out / name).is_file()]
+    key = {} if blocked else {"config": asdict(ctx.cfg), "inputs": _digests(ctx.out, inputs), "machine": _machine(),
+                              "versions": ctx.versions, "failed": dict(ctx.failed)}
 
     def run() -> None:
-        atomic_write_bytes(ctx.out / REPORT, render_report(ctx.out, ctx.cfg, ctx.plan).encode())
+        atomic_write_bytes(ctx.out / REPORT, render_report(ctx.out, ctx.cfg, ctx.plan, ctx.failed).encode())
 
-    return [Unit("report", REPORT, key, [ctx.out / REPORT], run)]
+    return [Unit("report", REPORT, key, [ctx.out / REPORT], run, blocked=blocked)]
 
 
 BUILDERS: dict[str, Callable[[Context], list[Unit]]] = {
@@ -468,14 +517,19 @@ def pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bool =
             stages follow when what they read changes).
         progress: draw progress bars; one line per stage is written either way.
 
+    A unit that fails never stops the others: what needs its outputs is not
+    run (a bundle that failed to export is neither checked nor timed), every
+    other unit runs, and the report marks each failure with its one-line
+    reason. A failed unit leaves no record, so the next run retries it.
+
     Returns:
         The summary written to ``pipeline.json``: each stage's status (ran,
-        skipped, not needed, failed or interrupted), its units and wall times.
+        skipped, not needed, failed or interrupted), its units and wall times,
+        and ``failed``: one ``{"unit", "reason"}`` per unit that failed or could
+        not run (empty when all passed).
 
     Raises:
-        ValueError: a bad config or a missing extra (before any work), or a
-            failed stage: one line naming the stage and its log. The outputs of
-            every finished unit are kept, so a re-run resumes.
+        ValueError: a bad config or a missing extra, before any work.
     """
     from difftx_edge.quantize.api import versions
 
@@ -488,7 +542,7 @@ def pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bool =
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(cfg, plan, out, versions(None), progress)
-    summary = {"config": asdict(cfg), "force": sorted(forced), "stages": [], "seconds": 0.0}
+    summary = {"config": asdict(cfg), "force": sorted(forced), "stages": [], "failed": [], "seconds": 0.0}
     started = time.perf_counter()
     with Console(progress) as console:
         console.say(f"difftx-edge pipeline: {cfg.task}, {cfg.attention} attention, "
@@ -497,9 +551,10 @@ def pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bool =
             entry = {"stage": stage, "status": "running", "seconds": 0.0, "units": []}
             summary["stages"].append(entry)
             stage_started = time.perf_counter()
-            # The report shows every stage's wall time, so it is rewritten whenever any unit ran.
+            # The report shows every stage's wall time and every failure, so it is rewritten whenever any unit ran
+            # or failed.
             redo = stage in forced or (stage == "report" and any(
-                unit["status"] == "ran" for earlier in summary["stages"] for unit in earlier["units"]))
+                unit["status"] != "skipped" for earlier in summary["stages"] for unit in earlier["units"]))
             try:
                 _run_stage(ctx, stage, f"[{number}/{len(STAGES)}] {stage}", redo, entry, console)
             finally:
@@ -507,8 +562,15 @@ def pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bool =
                     entry["status"] = "interrupted"
                 entry["seconds"] = _seconds(stage_started)
                 summary["seconds"] = _seconds(started)
+                summary["failed"] = [{"unit": unit, "reason": reason} for unit, reason in ctx.failed.items()]
                 atomic_write_json(out / SUMMARY, summary)
-        console.say(f"difftx-edge pipeline: done in {summary['seconds']:.0f} s; report in {out / REPORT}")
+        where = f"report in {out / REPORT}" if (out / REPORT).is_file() and "report" not in ctx.failed else \
+            "no report"
+        if ctx.failed:
+            console.say(f"difftx-edge pipeline: {_count(len(ctx.failed), 'unit')} failed or not run "
+                        f"({', '.join(ctx.failed)}) in {summary['seconds']:.0f} s; everything else is done; {where}")
+        else:
+            console.say(f"difftx-edge pipeline: done in {summary['seconds']:.0f} s; {where}")
     return summary
 
 
@@ -541,15 +603,31 @@ def _run_stage(ctx: Context, stage: str, label: str, forced: bool, entry: dict, 
                 bar.set_postfix_str(unit.what)
             _record_path(ctx.out, unit.name).unlink(missing_ok=True)  # until it finishes, the unit reads as not done
             started = time.perf_counter()
-            with _into_log(log_path, unit.name, console, stage in LIBRARY_BARS):
-                try:
-                    unit.run()
-                # Any error a library raises stops the pipeline as one line; its traceback goes to the log.
-                except Exception as err:
-                    log.exception("unit %s failed", unit.name)
-                    entry["status"] = "failed"
-                    entry["units"].append({"unit": unit.name, "status": "failed"})
-                    raise ValueError(f"stage {stage} failed: {_first_line(err)} (log: {log_path})") from err
+            reason = None
+            if unit.blocked is not None:
+                reason = f"not run: {unit.blocked}"
+            else:
+                with into_log(log_path, unit.name, console, stage in LIBRARY_BARS):
+                    try:
+                        unit.run()
+                    # Whatever a library raises fails this unit only, as one line; its traceback goes to the log.
+                    except Exception as err:  # noqa: BLE001
+                        log.exception("unit %s failed", unit.name)
+                        reason = _first_line(err)
+            if reason is not None:
+                for path in unit.outputs if unit.discard else ():
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                ctx.failed[unit.name] = reason
+                entry["units"].append({"unit": unit.name, "status": "not run" if unit.blocked else "failed",
+                                       "reason": reason})
+                console.say(f"{label}: {unit.what} {reason}" if unit.blocked else
+                            f"{label}: {unit.what} failed: {reason} (log: {log_path})")
+                if bar is not None:
+                    bar.update(1)
+                continue
             seconds = _seconds(started)
             atomic_write_json(_record_path(ctx.out, unit.name), {
                 "unit": unit.name, "stage": stage, "key_sha256": key_hash, "key": unit.key, "seconds": seconds,
@@ -561,78 +639,7 @@ def _run_stage(ctx: Context, stage: str, label: str, forced: bool, entry: dict, 
     finally:
         if bar is not None:
             bar.close()
-    entry["status"] = "ran"
-
-
-class Console:
-    """The terminal, kept aside while a stage's output goes to its log: progress lines and bars go here."""
-
-    def __init__(self, bars: bool):
-        self.bars = bars
-        sys.stderr.flush()
-        # A copy of file descriptor 2, which _into_log points at the log while a unit runs.
-        self.stream = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
-
-    def __enter__(self) -> Console:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stream.close()
-
-    def say(self, message: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=self.stream)  # above any bar that is being drawn
-
-    def bar(self, total: int, desc: str):
-        if not self.bars:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit="unit", file=self.stream, leave=False, dynamic_ncols=True)
-
-
-@contextlib.contextmanager
-def _into_log(path: Path, unit: str, console: Console, library_bars: bool):
-    """Send everything printed while a unit runs to the stage's log.
-
-    The toolchains print from C++ (ExecuTorch, LiteRT, absl) as well as from
-    Python, to stdout as well as stderr, so file descriptors 1 and 2 are pointed
-    at the log along with ``sys.stdout``, ``sys.stderr``, logging and warnings.
-    With ``library_bars``, ``sys.stderr`` stays on the terminal for the
-    libraries' tqdm bars.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    log_file = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
-    log_file.write(f"==== {unit}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    saved_fds = os.dup(1), os.dup(2)
-    saved_streams = sys.stdout, sys.stderr
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    handler = logging.StreamHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    try:
-        os.dup2(log_file.fileno(), 1)
-        os.dup2(log_file.fileno(), 2)
-        sys.stdout = log_file
-        sys.stderr = console.stream if library_bars and console.bars else log_file
-        root.handlers = [handler]
-        root.setLevel(logging.INFO)
-        logging.captureWarnings(True)
-        yield
-    finally:
-        logging.captureWarnings(False)
-        root.handlers = saved_handlers
-        root.setLevel(saved_level)
-        sys.stdout, sys.stderr = saved_streams
-        log_file.flush()
-        os.dup2(saved_fds[0], 1)
-        os.dup2(saved_fds[1], 2)
-        for fd in saved_fds:
-            os.close(fd)
-        log_file.close()
+    entry["status"] = "failed" if any(unit["status"] in ("failed", "not run") for unit in entry["units"]) else "ran"
 
 
 def _first_line(err: BaseException) -> str:
@@ -648,17 +655,35 @@ def _seconds(since: float) -> float:
 # The report: every number comes from the JSON files the stages wrote
 
 
-def render_report(out: Path, cfg: PipelineConfig, plan: Plan) -> str:
-    """``report.md``: accuracy, export, latency and memory tables, the plots, the stages, machine and versions."""
+def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, str] | None = None) -> str:
+    """``report.md``: accuracy, export, latency and memory tables, the plots, the stages, machine and versions.
+
+    Args:
+        out: the pipeline's folder, whose JSON results the report is made of.
+        cfg: the pipeline's config.
+        plan: what it builds.
+        failed: unit -> the one-line reason it failed or did not run; the
+            report lists them first and marks what they left out.
+    """
     from difftx_edge.quantize.api import versions
     from difftx_edge.runtimes.measure import describe
 
+    failed = failed or {}
+
+    def read(path: Path) -> dict | None:  # a unit that failed may have left no file
+        return json.loads(path.read_text()) if path.is_file() else None
+
     run_config = json.loads((out / RUN / "config.json").read_text())
     test = _test_metrics(out / RUN / "metrics.jsonl")
-    quant = {b: json.loads((out / INT8 / b / "quant_report.json").read_text()) for b in plan.backends}
-    checks = {row["bundle"]: row for row in json.loads((out / CHECKS).read_text())["bundles"]}
-    manifests = {name: json.loads((out / BUNDLES / name / "manifest.json").read_text()) for name in plan.bundle_names}
-    results = json.loads((out / BENCH / "results.json").read_text()) if plan.benched else None
+    quant = {b: report for b in plan.backends if (report := read(out / INT8 / b / "quant_report.json"))}
+    checks = {row["bundle"]: row for row in (read(out / CHECKS) or {"bundles": []})["bundles"]}
+    manifests = {name: manifest for name in plan.bundle_names
+                 if f"export-{name}" not in failed and (manifest := read(out / BUNDLES / name / "manifest.json"))}
+    # A failed benchmark's rows, each with its status, when it got as far as writing them (it removes older ones
+    # first); a benchmark that could not run has none.
+    results = None
+    if plan.benched and not failed.get("bench", "").startswith("not run"):
+        results = read(out / BENCH / "results.json")
     model = run_config["model"]
     examples = next((row["accuracy"]["examples"] for row in checks.values() if row["accuracy"]), None)
 
@@ -671,26 +696,41 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan) -> str:
              f"layers, {_count(cfg.epochs, 'training epoch')}{int8}; formats {', '.join(plan.formats)} at "
              f"{', '.join(plan.precisions)}; benchmark target `{cfg.target}`. Written by `difftx-edge pipeline` from "
              f"the JSON results in this folder: {', '.join(sources)}.", ""]
+    if failed:
+        lines += ["## Failures", "",
+                  f"{_count(len(failed), 'unit')} failed or could not run; everything else ran, and what they would "
+                  "have made is marked below. Each log is in `logs/<stage>.log`; a re-run retries them.", ""]
+        lines += [_table(["unit", "reason"], [[unit, reason.replace("|", "\\|")] for unit, reason in failed.items()]),
+                  ""]
 
     lines += ["## Accuracy", "",
               f"Test-split accuracy ({examples or '-'} examples). PyTorch: the fp32 checkpoint"
               + (", and each quantizer's int8 program after PTQ and after QAT" if plan.backends else "")
               + ". In the runtime: the exported artifact, on the same inputs"
-              + (" (int8: the QAT program's artifact)." if plan.backends else "."), ""]
+              + (" (int8: the shipped program's artifact: QAT's only when it beat PTQ on the validation split)."
+                 if plan.backends else "."), ""]
     header = ["format", "quantizer", "fp32 PyTorch", *[f"{p} in the runtime" for p in plan.precisions]]
     if plan.backends:
-        header += ["PTQ int8 PyTorch", "QAT int8 PyTorch"]
+        header += ["PTQ int8 PyTorch", "QAT int8 PyTorch", "shipped"]
     rows = []
     for fmt in plan.formats:
         spec = FORMATS[fmt]
         row = [fmt, spec.quantizer, _pct(test.get("accuracy"))]
         for p in plan.precisions:
             check = checks.get(f"{fmt}-{p}")
-            row.append(_pct(check["accuracy"]["artifact"]) if check and check["accuracy"] else "not supported")
+            if (fmt, p) not in plan.bundles:
+                row.append("not supported")
+            elif f"export-{fmt}-{p}" in failed:
+                row.append("not exported")
+            elif check and check["accuracy"]:
+                row.append(_pct(check["accuracy"]["artifact"]))
+            else:
+                row.append("-")
         if plan.backends:
             report = quant.get(spec.quantizer)
             row += [_pct(report["test"]["ptq"]["accuracy"]) if report else "-",
-                    _pct((report["test"]["qat"] or {}).get("accuracy")) if report else "-"]
+                    _pct((report["test"]["qat"] or {}).get("accuracy")) if report else "-",
+                    f"{report['shipped'].upper()}: {report['reason']}".replace("|", "\\|") if report else "-"]
         rows.append(row)
     lines += [_table(header, rows), ""]
     if "coreml" in plan.formats:
@@ -703,12 +743,20 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan) -> str:
               f"same inputs (tolerance {ACCURACY_TOLERANCE:.0%}).", ""]
     rows = []
     for name in plan.bundle_names:
-        manifest, check = manifests[name], checks[name]
-        accuracy = check["accuracy"]
+        manifest, check = manifests.get(name), checks.get(name)
+        if manifest is None:
+            reason = failed.get(f"export-{name}", "no manifest")
+            rows.append([name, "-", "-", "-", "-", f"not exported: {reason}".replace("|", "\\|"), "-", "-", "-"])
+            continue
+        accuracy = check["accuracy"] if check else None
+        if check is None:
+            verdict = "not checked" + (f": {failed['check']}" if "check" in failed else "")
+        else:
+            verdict = "passed" if check["passed"] else f"failed: {'; '.join(check['problems'])}"
         rows.append([name, f"{manifest['artifact_bytes'] / 1024:.1f}", _parity(manifest["parity"]),
                      _pct(manifest["parity"]["top1_agreement"]),
                      f"{_pct(accuracy['artifact'])} ({_pct(accuracy['pytorch'])})" if accuracy else "-",
-                     "passed" if check["passed"] else "failed", _checked_by(manifest), _delegation(manifest),
+                     verdict.replace("|", "\\|"), _checked_by(manifest), _delegation(manifest),
                      f"{manifest['export_seconds']:.1f}"])
     header = ["bundle", "size (KB)", "parity vs PyTorch (max)", "top-1 agreement", "accuracy in the runtime (PyTorch)",
               "check", "checked by", "delegation", "conversion (s)"]
@@ -718,6 +766,8 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan) -> str:
                   + ", ".join(f"{f} {p}" for f, p in plan.unsupported) + ".", ""]
 
     lines += ["## Latency and memory", ""]
+    if "bench" in failed:
+        lines += [f"The benchmark failed: {failed['bench']} (log: `logs/bench.log`).", ""]
     if results:
         target = results["target"]
         lines += [f"Batch 1 at the exported sequence length, {results['config']['runs']} timed runs after "
@@ -725,7 +775,7 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan) -> str:
                   f"`{target['url']}` ({target.get('cpu')}, {target.get('cores')} cores), "
                   f"{results['config']['threads']} thread(s). Peak RSS is the measuring process's peak; the import "
                   "baseline is its peak after importing the runtime, before loading the model.", ""]
-        rows = [[Path(row["source"]).name, row["runner"], str(row["seq_len"]), _num(row.get("p50_ms"), 3),
+        rows = [[Path(row["source"]).name, row["runner"], str(row["seq_len"] or "-"), _num(row.get("p50_ms"), 3),
                  _num(row.get("p90_ms"), 3), _num(row.get("peak_rss_mb"), 1), _num(row.get("import_baseline_mb"), 1),
                  f"{row['artifact_bytes'] / 1024:.1f}", row["status"]] for row in results["rows"]]
         lines += [_table(["bundle", "runner", "N", "p50 ms", "p90 ms", "peak RSS MB", "import baseline MB",
@@ -734,10 +784,13 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan) -> str:
             lines += ["The target is an emulated board: its outputs are real, its timings are an emulator's.", ""]
         lines += [f"![p50 latency against sequence length]({BENCH}/latency_vs_seq_len.png)", "",
                   f"![fp32 against int8 per format]({BENCH}/fp32_vs_int8.png)", ""]
-    else:
-        lines += ["Nothing was benchmarked: no bundle can run on this target.", ""]
-    for reason in dict.fromkeys(plan.not_benched.values()):
-        names = [name for name, why in plan.not_benched.items() if why == reason]
+    elif "bench" not in failed:
+        lines += ["Nothing was benchmarked: " + ("no bundle can run on this target." if not plan.benched else
+                                                 "no bundle to time was exported."), ""]
+    not_benched = {**plan.not_benched, **{name: "its export failed (see Failures)" for name in plan.benched
+                                          if f"export-{name}" in failed}}
+    for reason in dict.fromkeys(not_benched.values()):
+        names = [name for name, why in not_benched.items() if why == reason]
         lines += [f"Not benchmarked: {', '.join(names)}: {reason}.", ""]
 
     lines += ["## Stages", "",

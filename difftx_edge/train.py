@@ -15,6 +15,7 @@ The same code runs under ``torchrun`` with DistributedDataParallel.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -27,7 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from difftx_edge.io import atomic_write_bytes, atomic_write_json, load_run, partial_writes, save_weights, state_dict_cpu
+from difftx_edge.io import (CONFIG_SCHEMA, atomic_write_bytes, atomic_write_json, load_run, missing_dirs,
+                            partial_writes, remove_empty_dirs, require_output_dir, save_weights,
+                            state_dict_cpu)
 from difftx_edge.model import DiffTransformer, ModelConfig
 from difftx_edge.tasks import TaskConfig, TaskData, load_task
 
@@ -50,11 +53,18 @@ class TrainConfig:
     warmup: float = 0.05  # fraction of all steps spent warming the learning rate up
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
+    augment: bool = False  # the task's label-keeping random changes of training batches (digits: pixel shifts)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, which is scored and saved; 0: off
     seed: int = 0
-    threads: int | None = None  # None: the machine's cores divided among the processes
+    threads: int | None = None  # None: 1 for a model under ONE_THREAD_PARAMS, else the cores divided among the processes
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # nan passes every range check below (each comparison is False), so it is refused first.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -64,12 +74,28 @@ class TrainConfig:
             raise ValueError("weight_decay must be >= 0 and grad_clip > 0")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema is a decay in [0, 1) (0: off), got {self.ema}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.threads is not None:
+            check_threads(self.threads)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}: use auto, cpu or cuda")
+
+
+# More threads than this many per core only make the cores take turns: a typo such as --threads 999.
+THREADS_PER_CORE = 4
+
+
+def check_threads(threads: int, flag: str = "threads") -> None:
+    """Raise ValueError for a thread count below 1 or above ``THREADS_PER_CORE`` per core of this machine."""
+    cores = os.cpu_count() or 1
+    if threads < 1:
+        raise ValueError(f"{flag} must be at least 1, got {threads}")
+    if threads > THREADS_PER_CORE * cores:
+        raise ValueError(f"{flag} {threads} is far more than this machine's {cores} cores: use at most {cores} "
+                         f"(or leave it unset)")
 
 
 @dataclass
@@ -103,8 +129,24 @@ def build_model_config(task: TaskData, choices: dict) -> ModelConfig:
                        **{**choices, "causal": lm or choices.get("causal", False)})
 
 
-def set_threads(threads: int | None, world: int) -> int:
-    """Pin torch's thread count: oversubscribed threads slow small models by an order of magnitude."""
+# Below this many parameters a model trains on one thread when none is asked for. Its ops are too small to gain
+# from a second thread (the digits default, 0.1M parameters: 2.20 s/epoch on one thread of a lightly loaded 2-core EPYC,
+# 2.15 s on two), while a second thread that waits for a busy core slows every op; one thread also gives the
+# same numbers on every machine, whatever its core count.
+ONE_THREAD_PARAMS = 1_000_000
+
+
+def set_threads(threads: int | None, world: int, n_params: int | None = None) -> int:
+    """Pin torch's intra-op thread count and return it.
+
+    Oversubscribed threads slow small models by an order of magnitude, so the
+    count is always set. ``threads=None`` chooses: 1 for a model of fewer than
+    ``ONE_THREAD_PARAMS`` parameters, else the cores divided among ``world``
+    processes. OpenMP threads wait passively (``difftx_edge/__init__.py``), so
+    two threads on a busy 2-core machine are not slower than one.
+    """
+    if threads is None and n_params is not None and n_params < ONE_THREAD_PARAMS:
+        threads = 1
     n = threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(n)
     return n
@@ -173,7 +215,7 @@ class RunFiles:
 
     def remove_partial_writes(self) -> None:
         """Delete the temporary files of writes a killed run never renamed into place (``atomic_write_bytes``)."""
-        for path in (self.model, self.config, self.state):
+        for path in (self.model, self.config, self.state, self.metrics):
             for partial in partial_writes(path):
                 partial.unlink(missing_ok=True)
 
@@ -198,6 +240,24 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
     Raises:
         ValueError: bad configuration, data, or run directory.
     """
+    files = RunFiles(require_output_dir(train_cfg.out))  # before any work: not after an epoch
+    created = missing_dirs(files.root)
+    new = [path for path in (files.config, files.metrics, files.model) if not path.exists()]
+    try:
+        return _train(train_cfg, task_cfg, model_choices, resume=resume, force=force, progress=progress)
+    except BaseException:
+        if not resume and Dist.from_env().main and not files.state.exists():
+            # No epoch finished, so there is nothing to resume: a failed or interrupted start removes the
+            # files and folders it created (never ones that were there before).
+            for path in new:
+                path.unlink(missing_ok=True)
+            files.remove_partial_writes()
+            remove_empty_dirs(created)
+        raise
+
+
+def _train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | None = None, *,
+           resume: bool = False, force: bool = False, progress: bool = True) -> dict:
     dist = Dist.from_env()
     files = RunFiles(Path(train_cfg.out))
     saved = _resume_configs(files) if resume else None
@@ -209,7 +269,6 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
     elif files.state.exists() or files.model.exists():
         if not force:
             raise ValueError(f"{files.root} already holds a run: pass --resume to continue it or --force to start over")
-    threads = set_threads(train_cfg.threads, dist.world)
     device = _device(train_cfg.device, dist)
     if dist.world > 1:
         import torch.distributed as tdist
@@ -219,7 +278,9 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
     torch.manual_seed(train_cfg.seed)
     task = load_task(task_cfg)
     model_cfg = build_model_config(task, dict(model_choices or {}))
+    _require_training_memory(model_cfg, train_cfg, task.seq_len, device)
     model = DiffTransformer(model_cfg).to(device)
+    threads = set_threads(train_cfg.threads, dist.world, model.num_parameters())
     steps_per_epoch = math.ceil(len(task.train.inputs) / train_cfg.batch_size)
     total_steps = steps_per_epoch * train_cfg.epochs
     warmup_steps = max(1, int(train_cfg.warmup * total_steps))
@@ -229,10 +290,13 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total_steps, warmup_steps))
+    averaged = _averaged_copy(model) if train_cfg.ema else None  # the weights that are scored and saved, if set
+    scored = averaged if averaged is not None else model
+    augment = task.augment if train_cfg.augment else None
 
     start_epoch, best = 0, -math.inf
     if saved:
-        start_epoch, best = _load_state(files, model, optimizer, scheduler)
+        start_epoch, best = _load_state(files, model, optimizer, scheduler, averaged)
         if dist.main:
             _keep_epochs(files.metrics, start_epoch)
     elif dist.main:
@@ -241,6 +305,7 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
         for stale in (files.model, files.state):
             stale.unlink(missing_ok=True)
         atomic_write_json(files.config, {
+            "schema": CONFIG_SCHEMA,  # read_config refuses a version newer than it knows
             "model": model_cfg.to_dict(), "task": asdict(task_cfg), "train": asdict(train_cfg),
             "model_choices": dict(model_choices or {}), "task_info": task.to_dict(),
         })
@@ -258,7 +323,8 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
         started = time.perf_counter()
         # The shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
         epoch_seed = train_cfg.seed * 100003 + epoch
-        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(epoch_seed))
+        generator = torch.Generator().manual_seed(epoch_seed)  # the order, then the augmentation draws
+        order = torch.randperm(len(x_train), generator=generator)
         net.train()
         train_loss, seen = 0.0, 0
         bar = _bar(range(steps_per_epoch), f"epoch {epoch + 1}/{train_cfg.epochs}", progress and dist.main)
@@ -267,7 +333,8 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
             if len(batch) < dist.world:  # a remainder too small to give every process a sample
                 continue
             mine = batch[dist.rank::dist.world]  # this process's share of the global batch
-            x, y = x_train[mine].to(device), y_train[mine].to(device)
+            x = x_train[mine] if augment is None else augment(x_train[mine], generator)
+            x, y = x.to(device), y_train[mine].to(device)
             loss_sum, _ = loss_and_metric(net(x), y, train_cfg.label_smoothing)
             # Dividing by the global batch's target count (times world, which DDP averages
             # away) makes the summed gradient equal one process's full-batch mean.
@@ -277,11 +344,13 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()
             scheduler.step()
+            if averaged is not None:
+                _update_average(averaged, model, train_cfg.ema, epoch * steps_per_epoch + step)
             train_loss += loss_sum.item()
             seen += y.numel()
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss_sum.item() / y.numel():.4f}")
-        val = evaluate(model, task.val.inputs, task.val.targets, device=device)
+        val = evaluate(scored, task.val.inputs, task.val.targets, device=device)
         score = primary(val, task.metric)
         improved = score >= best  # on a tie the later, longer-trained epoch wins
         best = max(best, score)
@@ -290,11 +359,10 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
                   "seconds": round(time.perf_counter() - started, 3)}
         if dist.main:
             if improved:
-                save_weights(files.model, model)
+                save_weights(files.model, scored)
             # The metrics line goes first: a kill between the two leaves an extra line, which resume drops.
-            with open(files.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            _save_state(files, model, optimizer, scheduler, epoch + 1, best)
+            _append_line(files.metrics, record)
+            _save_state(files, model, optimizer, scheduler, epoch + 1, best, averaged)
             log.info("epoch %d: train loss %.4f, val %s %.4f%s", epoch + 1, record["train_loss"], task.metric,
                      val.get(task.metric, val["accuracy"]), " (best)" if improved else "")
     if dist.world > 1:
@@ -305,8 +373,7 @@ def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | No
     best_model, _ = load_run(files.root, device=device)
     test = evaluate(best_model, task.test.inputs, task.test.targets, device=device)
     if dist.main:
-        with open(files.metrics, "a") as f:
-            f.write(json.dumps({"split": "test", **test}) + "\n")
+        _append_line(files.metrics, {"split": "test", **test})
         log.info("test %s of the best checkpoint: %.4f", task.metric, test.get(task.metric, test["accuracy"]))
     return test
 
@@ -327,19 +394,46 @@ def _bar(iterable, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
-def _save_state(files: RunFiles, model, optimizer, scheduler, epoch: int, best: float) -> None:
+def _averaged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``model`` that ``_update_average`` keeps as a moving average of its weights."""
+    averaged = copy.deepcopy(model).eval()
+    averaged.requires_grad_(False)
+    return averaged
+
+
+@torch.no_grad()
+def _update_average(averaged: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """One step of the weights' exponential moving average.
+
+    The decay ramps up as ``(1 + step) / (10 + step)`` until it reaches
+    ``decay``, so a short run averages its own weights, not the initial ones.
+    """
+    d = min(decay, (1 + step) / (10 + step))
+    for avg, new in zip(averaged.state_dict().values(), model.state_dict().values()):
+        if avg.is_floating_point():
+            avg.lerp_(new, 1 - d)
+        else:
+            avg.copy_(new)
+
+
+def _save_state(files: RunFiles, model, optimizer, scheduler, epoch: int, best: float, averaged=None) -> None:
     import io
 
     buffer = io.BytesIO()
-    torch.save({"epoch": epoch, "best": best, "model": state_dict_cpu(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, buffer)
+    state = {"epoch": epoch, "best": best, "model": state_dict_cpu(model), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+    if averaged is not None:
+        state["averaged"] = state_dict_cpu(averaged)
+    torch.save(state, buffer)
     atomic_write_bytes(files.state, buffer.getvalue())
 
 
-def _load_state(files: RunFiles, model, optimizer, scheduler) -> tuple[int, float]:
+def _load_state(files: RunFiles, model, optimizer, scheduler, averaged=None) -> tuple[int, float]:
     try:
         state = torch.load(files.state, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
+        if averaged is not None:
+            averaged.load_state_dict(state["averaged"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -350,12 +444,121 @@ def _load_state(files: RunFiles, model, optimizer, scheduler) -> tuple[int, floa
 
 
 def _keep_epochs(metrics: Path, last_epoch: int) -> None:
-    """Drop metrics lines of epochs the saved state does not hold (and any earlier test line)."""
+    """Drop metrics lines of epochs the saved state does not hold (and any earlier test line).
+
+    A torn last line (a kill mid-write, from before the file was written
+    atomically) is dropped with a warning: its epoch is redone.
+
+    Raises:
+        ValueError: a line before the last one is corrupt.
+    """
     if not metrics.exists():
         return
-    kept = [line for line in metrics.read_text().splitlines()
-            if line.strip() and json.loads(line).get("epoch", last_epoch + 1) <= last_epoch]
+    lines = [line for line in metrics.read_text(errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            epoch = record.get("epoch", last_epoch + 1)
+        except (json.JSONDecodeError, AttributeError) as err:
+            if number < len(lines):
+                raise ValueError(f"cannot resume: line {number} of {metrics} is corrupt ({type(err).__name__}): "
+                                 "delete that line or start over with --force") from err
+            log.warning("dropping the torn last line of %s (a killed write); its epoch is redone", metrics)
+            continue
+        if isinstance(epoch, int) and epoch <= last_epoch:
+            kept.append(line)
     atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
+
+
+def _append_line(path: Path, record: dict) -> None:
+    """Add one JSON line to ``path`` atomically: the file is rewritten whole, so a kill never tears a line."""
+    old = path.read_bytes() if path.exists() else b""
+    atomic_write_bytes(path, old + (json.dumps(record) + "\n").encode())
+
+
+def estimate_training_memory(cfg: ModelConfig, batch_size: int, seq_len: int, eval_batch: int = 256) -> dict:
+    """Bytes a training run needs at its peak, by part: a deliberate over-estimate, to refuse the impossible.
+
+    Args:
+        cfg: the model.
+        batch_size: training batch size.
+        seq_len: sequence length N.
+        eval_batch: the batch ``evaluate`` uses (no gradients, one layer's activations at a time).
+
+    Returns:
+        ``{"parameters", "activations", "evaluation", "total", "largest"}`` in bytes, with the
+        number of parameters under ``"count"`` and the part that dominates under ``"largest"``.
+    """
+    with torch.device("meta"):  # counts the parameters without allocating them
+        count = DiffTransformer(cfg).num_parameters()
+    f32 = 4
+    H, C, N = cfg.n_heads, cfg.d_model, seq_len
+    d_ff = cfg.d_ff or 4 * C
+    D = C // H
+
+    def scores(kind: str, heads: int) -> float:
+        """Floats one layer of ``kind`` keeps per example for ``heads`` heads: its score matrices."""
+        if kind == "softmax":
+            # Eager training runs the fused SDPA kernel, which never builds the (N, N+1) scores: it keeps the
+            # padded q, k, v, the output and per-row statistics (measured: N=2000, batch 64, 1.9 GiB in all).
+            return heads * N * (D + 4)
+        if kind == "local":
+            block = min(cfg.window, N)
+            return heads * N * (3 * block + 2 * min(cfg.n_global, N))
+        if kind == "linear":
+            chunk = min(cfg.chunk, N)
+            return heads * (N * (chunk + 2 * (D + 1)) + 2 * (-(-N // chunk)) * D * (D + 1))
+        if kind == "lowrank":
+            return heads * N * (cfg.rank + -(-cfg.max_len // cfg.rank)) * 2
+        if kind == "hybrid":
+            local = -(-heads // 2)
+            return scores("local", local) + scores("linear", heads - local)
+        return heads * N * (N + 1)  # a kind registered elsewhere: assume the quadratic worst case
+
+    kinds = cfg.layer_kinds()
+    attention = [scores(kind, H) for kind in kinds]  # floats per example, per layer
+    dense = N * (14 * C + 3 * d_ff)  # floats per example per layer: LayerNorms, projections, MLP, residuals
+    head = N * cfg.n_outputs if cfg.head == "lm" else cfg.n_outputs
+    # A causal mask is built once per layer as an (N, N+1) bool array and its float additive form.
+    masks = max((N * (N + 1) * 5 for kind in kinds if kind == "softmax" and cfg.causal), default=0)
+    parts = {
+        # weights, gradients, AdamW's two moments; the checkpoint's CPU copy and its serialized bytes
+        "parameters": count * f32 * 11,
+        # forward activations are kept for backward (scores and probabilities: 2x), plus one layer's gradients
+        "activations": batch_size * f32 * (sum(dense + 2 * a for a in attention) + max(attention) + 3 * head)
+        + masks,
+        "evaluation": eval_batch * f32 * (dense // 2 + 2 * max(attention) + 2 * head) + masks,
+    }
+    total = parts["parameters"] + max(parts["activations"], parts["evaluation"])
+    largest = max(parts, key=parts.get)
+    return {**parts, "total": total, "largest": largest, "count": count}
+
+
+def _require_training_memory(cfg: ModelConfig, train_cfg: TrainConfig, seq_len: int, device: torch.device) -> None:
+    """Refuse, in one line, a run whose estimate exceeds the memory available, before anything is allocated."""
+    from difftx_edge.memory import format_bytes, require_memory
+
+    need = estimate_training_memory(cfg, train_cfg.batch_size, seq_len)
+    available = None  # the CPU's MemAvailable
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    quadratic = "softmax" in cfg.layer_kinds()
+    advice = {
+        "parameters": "lower --d-model, --n-layers or --d-ff",
+        "activations": "lower --batch-size or --seq-len" + (
+            ", or use --attention local, linear or hybrid, whose cost grows linearly with --seq-len"
+            if quadratic else ", or lower --d-model"),
+        "evaluation": "lower --seq-len" + (", or use --attention local, linear or hybrid" if quadratic else ""),
+    }[need["largest"]]
+    part = {"parameters": "weights, gradients and optimizer state", "activations": "training activations",
+            "evaluation": "evaluation activations at batch 256"}[need["largest"]]
+    what = (f"training {need['count']:,} parameters at batch {train_cfg.batch_size} and sequence length {seq_len} "
+            f"({part}: {format_bytes(need[need['largest']])})")
+    require_memory(need["total"], what, advice, available)
+
+
+_ADDED_OFF = {"augment": False, "ema": 0.0}
 
 
 def _resume_configs(files: RunFiles) -> tuple[TrainConfig, TaskConfig, dict]:
@@ -364,7 +567,9 @@ def _resume_configs(files: RunFiles) -> tuple[TrainConfig, TaskConfig, dict]:
                          "run without --resume to start")
     try:
         saved = json.loads(files.config.read_text())
-        train_cfg = TrainConfig(**{f.name: saved["train"][f.name] for f in fields(TrainConfig)})
+        # Runs saved before a field existed resume with it off.
+        train_cfg = TrainConfig(**{f.name: saved["train"].get(f.name, _ADDED_OFF[f.name]) if f.name in _ADDED_OFF
+                                   else saved["train"][f.name] for f in fields(TrainConfig)})
         task_cfg = TaskConfig(**saved["task"])
         choices = saved["model_choices"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:

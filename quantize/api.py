@@ -6,9 +6,12 @@ An output directory holds:
   the batch; the exporters load it without re-running QAT;
 - ``quant_config.json``: this config, the source run and its checkpoint's
   sha256, the model and task configs, the program's sha256 and input spec;
-- ``quant_report.json``: test accuracy of fp32, PTQ and QAT in PyTorch, int8
-  weight counts, which ops are integer and which stay float, the
-  prepared-versus-converted check, and the time each stage took.
+- ``quant_report.json``: which of PTQ and QAT the program is and why
+  (``shipped``, ``reason``: QAT only when its validation score is strictly
+  better), both validation scores (``val_score``), test accuracy of fp32,
+  PTQ and QAT in PyTorch, the shipped program's int8 weight counts and which
+  of its ops are integer and which stay float, the prepared-versus-converted
+  check, and the time each stage took.
 
 Each file is written atomically, and the report is written last and names the
 program's hash: ``load_quantized`` accepts only a complete, consistent set.
@@ -98,8 +101,8 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
     spec = get_quantizer_spec(cfg.backend)
     spec.require()  # one line naming the extra, before any work
     started = time.perf_counter()
-    threads = set_threads(cfg.threads, 1)
     model, run_config = load_run(cfg.run)
+    threads = set_threads(cfg.threads, 1, model.num_parameters())
     source = {"run": str(Path(cfg.run).resolve()), "sha256": sha256_file(Path(cfg.run) / "model.safetensors")}
     out = Path(cfg.out)
     _check_out(out, cfg, source, force)
@@ -123,12 +126,20 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
     ptq_prepared = pt2e.prepare(pt2e.export_for_quantization(model, example), spec.quantizer(qat=False), qat=False)
     with pt2e.refuse_nonfinite(ptq_prepared, cfg.backend):
         pt2e.calibrate(ptq_prepared, calib)
+    val = task.val
+
+    def val_score(graph):
+        # The task metric first; a validation split is small, so its ties go to the lower loss.
+        metrics = evaluate(graph, val.inputs, val.targets, switch_mode=False)
+        return [primary(metrics, task.metric), -metrics["loss"]]
+
     ptq = _deployable(pt2e.convert(ptq_prepared), spec)
     ptq_metrics = evaluate(ptq, test.inputs, test.targets, switch_mode=False)
+    val_scores = {"ptq": val_score(ptq), "qat": None}
     timings["ptq"] = _seconds(t)
     del ptq_prepared
 
-    qat_metrics, qat_info, chosen = None, None, ptq
+    qat_metrics, qat_info, qat = None, None, None
     if cfg.method == "qat":
         steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
         steps = cfg.steps or cfg.epochs * steps_per_epoch
@@ -139,13 +150,6 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
         with pt2e.refuse_nonfinite(prepared, cfg.backend):
             pt2e.calibrate(prepared, calib)  # start the fake-quant ranges from the data, not from zero
         bar = _bar(steps, f"QAT {cfg.backend}", progress)
-        val = task.val
-
-        def val_score(graph):
-            # The task metric first; a validation split is small, so its ties go to the lower loss.
-            metrics = evaluate(graph, val.inputs, val.targets, switch_mode=False)
-            return [primary(metrics, task.metric), -metrics["loss"]]
-
         best, info = pt2e.qat_finetune(
             prepared, x_train, y_train, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, freeze_at=freeze_at,
             label_smoothing=train_cfg.get("label_smoothing", 0.0), grad_clip=train_cfg.get("grad_clip", 1.0),
@@ -153,16 +157,21 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
             on_step=lambda step, loss: bar.update(1) if bar is not None else None)
         if bar is not None:
             bar.close()
-        chosen = pt2e.convert(best)
+        qat = pt2e.convert(best)
         timings["qat"] = _seconds(t)
         losses = info["losses"]
         qat_info = {"steps": steps, "observers_frozen_from": freeze_at, "selected_step": info["best_step"],
                     "val_scores": info["scores"], "first_loss": losses[0],
                     "last_loss": sum(losses[-10:]) / len(losses[-10:]),
-                    "prepared_vs_converted": prepared_vs_converted(best, chosen, test.inputs[:256])}
-        chosen = _deployable(chosen, spec)
-        qat_metrics = evaluate(chosen, test.inputs, test.targets, switch_mode=False)
+                    "prepared_vs_converted": prepared_vs_converted(best, qat, test.inputs[:256])}
+        qat = _deployable(qat, spec)
+        qat_metrics = evaluate(qat, test.inputs, test.targets, switch_mode=False)
+        val_scores["qat"] = val_score(qat)
         del prepared, best
+    # Both candidates are scored as they would ship (converted, biases snapped), on validation, never on test.
+    shipped, reason = choose_shipped(val_scores["ptq"], val_scores["qat"], task.metric)
+    chosen = qat if shipped == "qat" else ptq
+    log.info("%s: shipping %s: %s", cfg.backend, shipped.upper(), reason)
 
     t = time.perf_counter()
     batch = torch.export.Dim("batch", min=1, max=pt2e.MAX_BATCH)
@@ -177,6 +186,8 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
     report = {
         "backend": cfg.backend, "method": cfg.method, "runtime": spec.runtime,
         "task": task.name, "attention": run_config["model"]["attention"], "metric": task.metric,
+        "shipped": shipped, "reason": reason,
+        "val_score": val_scores,
         "test": {"fp32": fp32, "ptq": ptq_metrics, "qat": qat_metrics},
         "int8_weights": pt2e.int8_weight_count(chosen),
         "linear_layers": len(weights),
@@ -207,6 +218,33 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
     log.info("%s: test %s fp32 %.4f, PTQ %.4f%s -> %s", cfg.backend, task.metric, fp32["accuracy"],
              ptq_metrics["accuracy"], f", QAT {qat_metrics['accuracy']:.4f}" if qat_metrics else "", out)
     return report
+
+
+def choose_shipped(ptq_score: list[float], qat_score: list[float] | None, metric: str) -> tuple[str, str]:
+    """Which program ships: PTQ, unless QAT's validation score is strictly better.
+
+    Args:
+        ptq_score, qat_score: ``[task metric (higher is better), -loss]`` on
+            the validation split, compared in order; ``qat_score`` is None
+            when QAT did not run.
+        metric: the task metric's name, for the reason.
+
+    Returns:
+        ``("qat" or "ptq", a one-line reason)``.
+    """
+    if qat_score is None:
+        return "ptq", "QAT was not run (method ptq)"
+    (ptq_m, ptq_l), (qat_m, qat_l) = ptq_score, qat_score
+    compared = (f"validation {metric} QAT {_fmt(qat_m, metric)} vs PTQ {_fmt(ptq_m, metric)}, "
+                f"loss {-qat_l:.4f} vs {-ptq_l:.4f}")
+    if list(qat_score) > list(ptq_score):
+        why = f"better validation {metric}" if qat_m > ptq_m else f"equal validation {metric}, lower loss"
+        return "qat", f"QAT beats PTQ on validation ({why}): {compared}"
+    return "ptq", f"QAT does not beat PTQ on validation, so the simpler PTQ ships: {compared}"
+
+
+def _fmt(value: float, metric: str) -> str:
+    return f"{-value:.4f}" if metric == "bits_per_byte" else f"{value:.4f}"
 
 
 def prepared_vs_converted(prepared: torch.fx.GraphModule, converted: torch.fx.GraphModule,
@@ -246,13 +284,11 @@ def load_quantized(out_dir: str | os.PathLike):
     if importlib.util.find_spec("torchao") is None:
         raise ValueError("loading a quantized program needs torchao: pip install 'difftx-edge[executorch]' "
                          "(or any backend extra)")
-    import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops the program calls)
+    from difftx_edge.untrusted import load_exported_program
 
-    try:
-        program = torch.export.load(out / PROGRAM)
-    except (RuntimeError, ValueError, KeyError, OSError) as err:
-        raise ValueError(f"{out}/{PROGRAM} cannot be loaded ({type(err).__name__}): "
-                         "quantize again with --force") from err
+    # The hash proves the set is complete, not that it is ours (whoever wrote the program can rewrite the
+    # config too), so the program is read as untrusted: no pickle in it is ever run.
+    program = load_exported_program(out / PROGRAM)
     return program, config
 
 

@@ -23,7 +23,8 @@ def build(qat: bool):
         dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
         observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer, eps=2 ** -12) if qat
         else observer.with_args(eps=2 ** -12))
-    weight = int8_weight_spec(qat, per_channel=True)
+    weight = int8_weight_spec(qat, per_channel=True, quant_max=63)
+    table = int8_weight_spec(qat, per_channel=True)
     class ORTQuantizer(Quantizer):
         """Annotates aten.linear outside the float modules; nothing else."""
 
@@ -36,7 +37,7 @@ def build(qat: bool):
                 x, w = node.args[0], node.args[1]
                 node.meta["quantization_annotation"] = QuantizationAnnotation(
                     input_qspec_map={x: activation, w: weight}, output_qspec=activation, _annotated=True)
-            annotate_float_tables(model, weight)
+            annotate_float_tables(model, table)
             return model
 
         def validate(self, model: torch.fx.GraphModule) -> None:

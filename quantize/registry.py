@@ -123,8 +123,11 @@ def unannotate_float_modules(graph) -> int:
     return len(gone)
 
 
-def int8_weight_spec(qat: bool, per_channel: bool):
-    """Symmetric int8 for a weight or a float table: per row when ``per_channel``, fake-quantized under QAT."""
+def int8_weight_spec(qat: bool, per_channel: bool, quant_max: int = 127):
+    """Symmetric int8 for a weight or a float table: per row when ``per_channel``, fake-quantized under QAT.
+
+    ``quant_max`` narrows the grid to ``[-quant_max, quant_max]`` for kernels that need headroom.
+    """
     import torch
     from torchao.quantization.pt2e import (
         FakeQuantize,
@@ -144,7 +147,7 @@ def int8_weight_spec(qat: bool, per_channel: bool):
     ctor = observer.with_args(eps=2 ** -12)
     if qat:
         ctor = FakeQuantize.with_args(observer=observer, eps=2 ** -12)
-    return QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=scheme, ch_axis=axis,
+    return QuantizationSpec(dtype=torch.int8, quant_min=-quant_max, quant_max=quant_max, qscheme=scheme, ch_axis=axis,
                             observer_or_fake_quant_ctr=ctor)
 
 

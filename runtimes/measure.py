@@ -127,22 +127,49 @@ def measure(args: argparse.Namespace, progress) -> dict:
     return row
 
 
+# The CPU features integer kernels pick their code paths by (/proc/cpuinfo flag names). Without an int8 dot
+# product (x86 VNNI, Arm dotprod) int8 GEMMs fall back to 16-bit multiply-adds, which decide both their speed
+# and, in ONNX Runtime's u8s8 kernels, whether 8-bit weights can saturate an int16 sum.
+INT8_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm", "sve")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first value of every key in /proc/cpuinfo, keys lower-cased; empty where there is none."""
+    found: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return found
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        found.setdefault(key.strip().lower(), value.strip())
+    return found
+
+
+def cpu_features() -> dict:
+    """Which of ``INT8_FEATURES`` this CPU has, plus whether it has an int8 dot product at all.
+
+    x86 lists its features under "flags", Arm under "Features". Every results
+    file and manifest records this, so that a speed or an int8 number can be
+    read against the kernels it ran on.
+    """
+    info = _cpuinfo()
+    flags = set((info.get("flags") or info.get("features") or "").split())
+    present = [name for name in INT8_FEATURES if name in flags]
+    return {"int8": present, "int8_dot_product": bool({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} & flags)}
+
+
 def describe() -> dict:
     """The machine this runs on and the runtime packages it has, for the results' header."""
     from importlib.metadata import PackageNotFoundError, version
 
     cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        found = {}
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            found.setdefault(key.strip().lower(), value.strip())
-        # x86 names its CPU in "model name"; a Raspberry Pi's kernel gives the board in "Model", others "Hardware".
-        for key in ("model name", "model", "hardware"):
-            if found.get(key) and not found[key].isdigit():
-                cpu = found[key]
-                break
+    found = _cpuinfo()
+    # x86 names its CPU in "model name"; a Raspberry Pi's kernel gives the board in "Model", others "Hardware".
+    for key in ("model name", "model", "hardware"):
+        if found.get(key) and not found[key].isdigit():
+            cpu = found[key]
+            break
     packages = {}
     for name in ("numpy", "onnxruntime", "onnxruntime-gpu", "ai-edge-litert", "tflite-runtime", "executorch",
                  "torch", "coremltools"):
@@ -150,7 +177,7 @@ def describe() -> dict:
             packages[name] = version(name)
         except PackageNotFoundError:
             continue
-    return {"machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
+    return {"machine": platform.machine(), "cpu": cpu, "cpu_features": cpu_features(), "cores": os.cpu_count(),
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "packages": packages, "emulated": EMULATED_MARKER.exists()}
 

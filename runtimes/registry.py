@@ -9,15 +9,84 @@ at the top: it also runs on boards that have neither torch nor difftx-edge
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from difftx_edge.extras import missing_modules, not_installed
 
 MANIFEST = "manifest.json"
+
+
+def inside(folder: str | os.PathLike, relative: object, what: str = "path") -> Path:
+    """``folder / relative``, refused unless it stays inside ``folder``.
+
+    A manifest comes from whoever made the bundle, so a path in it is
+    confined: no absolute path, no ``..``, and no symbolic link that
+    resolves outside the folder.
+
+    Args:
+        folder: the directory the path must stay in (a bundle).
+        relative: the path as the file gives it.
+        what: what the path is, for the error message.
+
+    Returns:
+        The path under ``folder``.
+
+    Raises:
+        ValueError: one line, when the path is not a plain relative string or leaves ``folder``.
+    """
+    folder = Path(folder)
+    if not isinstance(relative, str) or not relative.strip() or "\x00" in relative:
+        raise ValueError(f"{folder}: the {what} is {relative!r} ({type(relative).__name__}), expected a file name "
+                         "inside the folder: export the bundle again")
+    parts = PurePosixPath(relative).parts
+    # A backslash or a drive means a path elsewhere on Windows, where a bundle may be opened too.
+    absolute = PurePosixPath(relative).is_absolute() or Path(relative).is_absolute() or bool(Path(relative).drive)
+    if not parts or absolute or ".." in parts or "\\" in relative:
+        raise ValueError(f"{folder}: the {what} {relative!r} leaves the folder (an absolute path or ..): refusing "
+                         "it; a bundle names only files inside itself")
+    path = folder / relative
+    if not _resolves_inside(path, folder.resolve()):
+        raise ValueError(f"{folder}: the {what} {relative!r} is a link out of the folder: refusing it; a bundle "
+                         "holds its files itself")
+    return path
+
+
+def _resolves_inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a link loop resolves nowhere
+        return False
+
+
+def links_outside(folder: str | os.PathLike) -> list[Path]:
+    """The symbolic links under ``folder`` that resolve outside it (or nowhere)."""
+    root = Path(folder).resolve()
+    found = []
+    for parent, dirs, files in os.walk(folder):  # os.walk does not follow links into other folders
+        for name in (*dirs, *files):
+            entry = Path(parent) / name
+            if entry.is_symlink() and not _resolves_inside(entry, root):
+                found.append(entry)
+    return found
+
+
+def sha256_tree(path: str | os.PathLike) -> str:
+    """The sha256 of a file, or of a folder's files (an .mlpackage) in sorted path order: a manifest's
+    ``artifact_sha256``."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -29,25 +98,41 @@ class Bundle:
 
     @classmethod
     def open(cls, path) -> Bundle:
-        """Read the bundle at ``path``; raises ValueError (one line) when it is not one."""
+        """Read the bundle at ``path``, which may come from anyone.
+
+        Its manifest must have the shape export writes, its artifact must lie
+        inside the bundle (no absolute path, ``..`` or link out of it) and
+        match the manifest's ``artifact_sha256``, so nothing outside the
+        bundle, and no truncated or swapped file, is ever run or copied.
+
+        Raises:
+            ValueError: one line, naming what is wrong, when it is not a sound bundle.
+        """
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise ValueError(f"{path} is not a bundle: it has no {MANIFEST} (make one with difftx-edge export)")
+        links = links_outside(path)
+        if links:
+            outside = ", ".join(str(link.relative_to(path)) for link in links)
+            raise ValueError(f"{path} holds links to files outside it ({outside}): refusing it; a bundle holds "
+                             "its files itself")
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{manifest_path} is unreadable ({err}): export the bundle again") from err
-        for key in ("format", "precision", "artifact", "inputs", "outputs"):
-            if key not in manifest:
-                raise ValueError(f"{manifest_path} lacks {key!r}: export the bundle again")
-        if not (path / manifest["artifact"]).exists():
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{manifest_path} is unreadable ({type(err).__name__}): export the bundle again") from err
+        check_manifest(manifest, manifest_path)
+        artifact = inside(path, manifest["artifact"], "artifact")
+        if not artifact.exists():
             raise ValueError(f"{path} lacks its artifact {manifest['artifact']}: export the bundle again")
+        if sha256_tree(artifact) != manifest["artifact_sha256"]:
+            raise ValueError(f"{artifact} does not match the manifest's artifact_sha256 (truncated or replaced): "
+                             "export the bundle again")
         return cls(path, manifest)
 
     @property
     def artifact(self) -> Path:
-        return self.path / self.manifest["artifact"]
+        return inside(self.path, self.manifest["artifact"], "artifact")
 
     @property
     def seq_len(self) -> int | None:
@@ -72,6 +157,51 @@ def example_tensor(spec: dict, model: dict, seed: int = 0) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, int(model.get("vocab_size") or 2), size=shape).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)
+
+
+_MANIFEST_FIELDS = {"format": str, "precision": str, "artifact": str, "artifact_sha256": str, "inputs": list,
+                   "outputs": list}
+_TENSOR_FIELDS = {"name": str, "shape": list, "dtype": str}
+
+
+def check_manifest(manifest: object, where: str | os.PathLike = MANIFEST) -> None:
+    """Check the fields runners and targets read from a manifest: each present and of its type, ``inputs`` a
+    non-empty list of tensors with a name, a shape of non-negative ints and a numpy dtype.
+
+    Raises:
+        ValueError: one line naming the first field that is wrong.
+    """
+    def fail(field: str, value: object, expected: str) -> ValueError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return ValueError(f"{where}: {field} is {shown} ({type(value).__name__}), expected {expected}: "
+                          "export the bundle again")
+
+    if not isinstance(manifest, dict):
+        raise fail("the manifest", manifest, "an object")
+    for key, kind in _MANIFEST_FIELDS.items():
+        if key not in manifest:
+            raise ValueError(f"{where} lacks {key!r}: export the bundle again")
+        if not isinstance(manifest[key], kind):
+            raise fail(key, manifest[key], kind.__name__)
+    if not manifest["inputs"]:
+        raise fail("inputs", manifest["inputs"], "at least one input")
+    if not isinstance(manifest.get("model") or {}, dict):
+        raise fail("model", manifest["model"], "an object")
+    for side in ("inputs", "outputs"):
+        for i, tensor in enumerate(manifest[side]):
+            if not isinstance(tensor, dict):
+                raise fail(f"{side}[{i}]", tensor, "an object with name, shape and dtype")
+            for key, kind in _TENSOR_FIELDS.items():
+                if not isinstance(tensor.get(key), kind):
+                    raise fail(f"{side}[{i}].{key}", tensor.get(key), kind.__name__)
+            if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in tensor["shape"]):
+                raise fail(f"{side}[{i}].shape", tensor["shape"], "a list of non-negative ints")
+            if side == "inputs" and not tensor["shape"]:
+                raise fail(f"{side}[{i}].shape", tensor["shape"], "a batch dimension at least")
+            try:
+                np.dtype(tensor["dtype"])
+            except TypeError as err:
+                raise fail(f"{side}[{i}].dtype", tensor["dtype"], "a numpy dtype name") from err
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,16 @@ import torch
 from difftx_edge.convert import ExportConfig, export_run
 from difftx_edge.quantize import QuantConfig, quantize
 from difftx_edge.runtimes.bench import CSV_FIELDS, BenchConfig, bench
+from difftx_edge.runtimes.registry import sha256_tree
 from difftx_edge.runtimes.targets import make_target
 
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
 
-ROW_FIELDS = {"source", "attention", "format", "precision", "runtime", "runner", "target", "emulated", "device",
-              "threads", "batch", "seq_len", "status", "error", "load_ms", "first_inference_ms", "min_ms", "p50_ms",
-              "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs", "times_ms", "throughput_per_s", "peak_rss_mb",
-              "import_baseline_mb", "artifact_bytes", "accuracy", "info"}
+ROW_FIELDS = {"source", "bundle", "attention", "format", "precision", "runtime", "runner", "target", "emulated",
+              "device", "threads", "batch", "seq_len", "input_shape", "status", "error", "load_ms",
+              "first_inference_ms", "min_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs", "times_ms",
+              "throughput_per_s", "peak_rss_mb", "import_baseline_mb", "artifact_bytes", "accuracy", "info"}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,7 @@ def int8_io_bundle(run: Path, bundle: Path, out: Path) -> None:
     manifest = json.loads((out / MANIFEST).read_text())
     manifest.update(artifact_io(FORMATS["litert"], out / "model.tflite", {}, manifest["inputs"], manifest["outputs"]))
     (out / MANIFEST).write_text(json.dumps(manifest))
+    rehash(out)  # a new file: bench checks the hash it opens
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -85,10 +87,19 @@ def one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
     assert needle in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
 
 
+def rehash(bundle: Path) -> None:
+    """Make a bundle's manifest vouch for its (broken) artifact: a damaged file is refused before any row runs,
+    and these tests are about the runtime rejecting one."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artifact_sha256"] = sha256_tree(bundle / manifest["artifact"])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_results_have_every_field_and_a_broken_bundle_is_a_failed_row(bundles, tmp_path):
     broken = tmp_path / "broken-onnx"
     shutil.copytree(bundles["small/onnx-fp32"], broken)
     (broken / "model.onnx").write_bytes(b"not an onnx model")
+    rehash(broken)
     out = tmp_path / "results"
     done = cli("bench", str(bundles["small/onnx-fp32"]), str(bundles["small/litert-fp32"]),
                str(bundles["small/executorch-fp32"]), str(bundles["run_small"]), str(broken),
@@ -125,7 +136,8 @@ def test_results_have_every_field_and_a_broken_bundle_is_a_failed_row(bundles, t
     assert list(table[0]) == CSV_FIELDS and len(table) == 5
     for name in ("latency_vs_seq_len.png", "fp32_vs_int8.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| onnx-fp32 | onnx | fp32 | python | local | 16 |" in done.stdout
+    # Rows name their model's folder too, and show the input's shape.
+    assert "| small/onnx-fp32 | onnx | fp32 | python | local | 16 | 1x16x4 |" in done.stdout
 
 
 def test_quantized_io_is_fed_as_floats_and_scores_as_the_export_measured(bundles, tmp_path):
@@ -197,7 +209,7 @@ def test_bad_arguments_are_one_line(bundles, tmp_path, args, needle):
 def test_a_missing_path_is_one_line(tmp_path):
     one_line_error(cli("bench", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")), "is not a directory")
     (tmp_path / "empty").mkdir()
-    one_line_error(cli("bench", str(tmp_path / "empty"), "--out", str(tmp_path / "o")), "is not a run directory")
+    one_line_error(cli("bench", str(tmp_path / "empty"), "--out", str(tmp_path / "o")), "holds neither a bundle's")
 
 
 # -----------------------------------------------------------------------------
@@ -244,6 +256,7 @@ def test_ssh_private_directory_is_removed_even_when_a_row_fails(bundles, sshd, t
     broken = tmp_path / "broken"
     shutil.copytree(bundles["small/litert-fp32"], broken)
     (broken / "model.tflite").write_bytes(b"\0" * 64)
+    rehash(broken)  # a file the runtime refuses, not one the bundle's hash gives away
     results = ssh_bench(sshd, [broken], tmp_path, runs=3)
     assert results["rows"][0]["status"] == "failed" and results["rows"][0]["error"]
     assert set(Path("/tmp").glob("difftx-edge.*")) == before
@@ -273,3 +286,80 @@ def test_ssh_unreachable_host_and_timeout_are_one_line(bundles, sshd, tmp_path):
     results = ssh_bench(sshd, [bundles["small/onnx-fp32"]], tmp_path, seconds=12.0, timeout=5.0)
     assert results["rows"][0]["status"] == "failed"
     assert "timed out after 5 s" in results["rows"][0]["error"]
+
+
+# -----------------------------------------------------------------------------
+# Rows a user can tell apart, Core ML off macOS, plots that show something, runs found by checkpoint
+
+
+def crafted(bundle: Path, out: Path, **changes) -> Path:
+    """A copy of ``bundle`` whose manifest has ``changes`` (a Core ML bundle as Linux sees one, a model with no
+    task); the artifact and its sha256 stay, so the bundle opens as any other."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(changes)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_coreml_rows_are_not_run_off_macos_and_are_no_failure(bundles, tmp_path, capfd):
+    import platform
+
+    from difftx_edge.cli import main
+
+    if platform.system() == "Darwin":
+        pytest.skip("on macOS the Core ML runtime runs")
+    coreml = crafted(bundles["small/onnx-fp32"], tmp_path / "m" / "coreml-fp32", format="coreml")
+    capfd.readouterr()
+    code = main(["bench", str(bundles["small/onnx-fp32"]), str(coreml), "--runs", "3", "--warmup", "0",
+                 "--no-plots", "--out", str(tmp_path / "o")])
+    captured = capfd.readouterr()
+    assert code == 0, captured.err[-2000:]  # before: exit 1 for every `bench bundles/*` on Linux
+    assert "1 of 2 rows measured; 1 not run (macOS only)" in captured.err
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())["rows"]
+    assert [row["status"] for row in rows] == ["ok", "not run (macOS only)"] and rows[1]["error"] is None
+    assert "| m/coreml-fp32 | coreml | fp32 |" in captured.out and "| not run (macOS only) |" in captured.out
+
+
+def test_rows_name_their_model_and_n_is_a_sequence_length_only(bundles, tmp_path):
+    from difftx_edge.runtimes.bench import table
+
+    # A converted model has no task and no difftx-edge model config: its input's dimension 1 is not a sequence
+    # length (it may be a CNN's channels).
+    no_task = crafted(bundles["small/onnx-fp32"], tmp_path / "cnn" / "onnx-fp32", task=None, model=None)
+    results = bench(BenchConfig(bundles=[str(bundles["small/executorch-fp32"]), str(bundles["large/executorch-fp32"]),
+                                         str(no_task)], runs=3, warmup=0, plots=False, out=str(tmp_path / "o")),
+                    progress=False)
+    names = [row["bundle"] for row in results["rows"]]
+    assert names == ["small/executorch-fp32", "large/executorch-fp32", "cnn/onnx-fp32"]
+    assert [row["seq_len"] for row in results["rows"]] == [16, 16, None]
+    lines = table(results).splitlines()
+    assert lines[2].startswith("| small/executorch-fp32 |") and lines[3].startswith("| large/executorch-fp32 |")
+    assert "| local | - | 1x16x4 |" in lines[4]
+
+
+def test_one_length_per_series_is_a_bar_chart(bundles):
+    from difftx_edge.runtimes.bench import latency_figure
+
+    row = {"status": "ok", "seq_len": 16, "attention": "hybrid", "precision": "fp32", "runner": "python",
+           "emulated": False}
+    single = [dict(row, format="onnx", p50_ms=1.0), dict(row, format="litert", p50_ms=2.0)]
+    ax = latency_figure(single).axes[0]
+    assert len(ax.patches) == 2 and not ax.lines  # before: two one-point lines on an axis from 15.2 to 16.8
+    several = single + [dict(row, format="onnx", seq_len=64, p50_ms=3.0)]
+    ax = latency_figure(several).axes[0]
+    assert not ax.patches and len(ax.lines) == 2 and ax.get_xscale() == "log"
+
+
+def test_accuracy_finds_the_run_by_its_checkpoint_not_a_path_in_the_manifest(bundles, tmp_path):
+    moved = tmp_path / "elsewhere" / "onnx-fp32"  # no run beside it: the manifest holds no path to follow
+    shutil.copytree(bundles["small/onnx-fp32"], moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    assert manifest["source"]["run"] == "run_small" and "/" not in manifest["source"]["run"]
+    alone = bench(BenchConfig(bundles=[str(moved)], runs=3, warmup=0, accuracy=True, plots=False,
+                              out=str(tmp_path / "a")), progress=False)
+    assert "give its run directory on the command line too" in alone["rows"][0]["error"]
+    both = bench(BenchConfig(bundles=[str(moved), str(bundles["run_small"])], runs=3, warmup=0, accuracy=True,
+                             plots=False, out=str(tmp_path / "b")), progress=False)
+    assert both["rows"][0]["status"] == "ok"
+    assert both["rows"][0]["accuracy"] == pytest.approx(manifest["accuracy"]["artifact"], abs=1e-9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -17,6 +18,19 @@ def test_import_difftx_edge_pulls_in_no_backend():
             "difftx_edge.runtimes; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))" % (HEAVY,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == []
+
+
+def test_import_sets_passive_openmp_threads_that_children_inherit_unless_the_user_chose():
+    # Spinning OpenMP threads made training 7x slower on a busy 2-core machine; libgomp reads the policy at load.
+    code = ("import os, subprocess, sys, difftx_edge; "
+            "print(subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"OMP_WAIT_POLICY\"])'], "
+            "capture_output=True, text=True, check=True).stdout.strip())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout
+    assert out.strip() == "ACTIVE"
 
 
 def test_backends_are_installed_for_the_suite():

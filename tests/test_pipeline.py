@@ -179,21 +179,79 @@ def test_a_failing_stage_is_one_line_naming_it_and_its_log(tiny, capfd):
     args = ["pipeline", "--out", cfg.out, "--data", cfg.data, *flags]
     code = main([*args, "--target", "ssh://nobody@127.0.0.1:1"])  # nothing listens on port 1
     err = capfd.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("difftx-edge pipeline: error: stage bench failed: ")
-    assert last.endswith(f"(log: {out / 'logs' / 'bench.log'})")
+    assert code == 1 and "Traceback" not in err  # 1: something failed, everything else is done; 2 is bad input
+    (failed,) = [line for line in err.splitlines() if " failed: " in line]
+    assert failed.startswith("[5/6] bench: ") and failed.endswith(f"(log: {out / 'logs' / 'bench.log'})")
     assert "[1/6] train: up to date, skipped" in err and "[5/6] bench (latency and memory)" in err
+    assert "1 unit failed or not run (bench)" in err.strip().splitlines()[-1]
     assert "Traceback" in (out / "logs" / "bench.log").read_text()
     summary = read_json(out / "pipeline.json")
     assert statuses(summary) == {"train": "skipped", "quantize": "skipped", "export": "skipped", "check": "skipped",
-                                 "bench": "failed"}
+                                 "bench": "failed", "report": "ran"}
+    assert [f["unit"] for f in summary["failed"]] == ["bench"]
     for unit in ("train", "quantize-xnnpack", "export-onnx-int8", "check"):
         assert read_record(out, unit) is not None
+    assert read_record(out, "bench") is None  # a failed unit leaves no record: the next run retries it
+    report = (out / "report.md").read_text()
+    assert "## Failures" in report and "The benchmark failed: " in report
+    assert not (out / "bench" / "results.json").exists()  # no older results pass for this run's
 
     assert main(args) == 0  # back on this machine: only the benchmark and the report are redone
     summary = read_json(out / "pipeline.json")
-    assert units_run(summary) == ["bench", "report"]
+    assert units_run(summary) == ["bench", "report"] and summary["failed"] == []
+    assert "## Failures" not in (out / "report.md").read_text()
+
+
+def test_a_failing_export_leaves_every_other_unit_done_and_the_report_marks_it(tiny, tmp_path, capfd, monkeypatch):
+    """The int8 exports fail parity (our own tolerance made impossible); the fp32 bundles are still exported,
+    checked, timed and reported, the command exits 1, and the next run retries exactly the failed units."""
+    import difftx_edge.convert.bundle as bundle
+
+    cfg, out, _ = tiny
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    stale = copy / "bundles" / "executorch-int8"
+    assert stale.is_dir()
+    small = {**TINY, "formats": "executorch,litert"}
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in small.items()]
+    args = ["pipeline", "--out", str(copy), "--data", cfg.data, *flags]
+    monkeypatch.setattr(bundle, "INT8_MAX_STEPS", -1.0)
+    capfd.readouterr()
+    code = main([*args, "--force", "export"])
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    failures = [line for line in err.splitlines() if " failed: " in line]
+    assert [line.split(" failed: ")[0] for line in failures] == ["[3/6] export: executorch-int8",
+                                                                 "[3/6] export: litert-int8"]
+    for line in failures:
+        assert "failed parity against PyTorch" in line and "try: export again with --threads 1" in line
+    summary = read_json(copy / "pipeline.json")
+    assert statuses(summary) == {"train": "skipped", "quantize": "skipped", "export": "failed", "check": "ran",
+                                 "bench": "ran", "report": "ran"}
+    assert [f["unit"] for f in summary["failed"]] == ["export-executorch-int8", "export-litert-int8"]
+    assert read_record(copy, "export-executorch-int8") is None and read_record(copy, "export-litert-int8") is None
+    assert read_record(copy, "export-executorch-fp32") is not None
+    assert not stale.exists()  # an older bundle must not pass for the one that failed
+
+    checks = {row["bundle"]: row for row in read_json(copy / "checks.json")["bundles"]}
+    assert checks["executorch-fp32"]["passed"] and checks["litert-fp32"]["passed"]
+    assert not checks["litert-int8"]["exported"] and "not exported: " in checks["litert-int8"]["problems"][0]
+    results = read_json(copy / "bench" / "results.json")
+    assert sorted(Path(row["source"]).name for row in results["rows"]) == ["executorch-fp32", "litert-fp32"]
+    tables = report_tables((copy / "report.md").read_text())
+    assert [row["unit"] for row in tables["Failures"]] == ["export-executorch-int8", "export-litert-int8"]
+    export = {row["bundle"]: row for row in tables["Export"]}
+    assert export["litert-int8"]["check"].startswith("not exported: litert-int8 failed parity")
+    assert export["litert-fp32"]["check"] == "passed"
+    assert {row["format"]: row["int8 in the runtime"] for row in tables["Accuracy"]} == {
+        "executorch": "not exported", "litert": "not exported"}
+    assert "Not benchmarked: executorch-int8, litert-int8: its export failed" in (copy / "report.md").read_text()
+
+    monkeypatch.undo()
+    assert main(args) == 0  # the tolerance back: only what failed, and what reads it, is redone
+    summary = read_json(copy / "pipeline.json")
+    assert units_run(summary) == ["export-executorch-int8", "export-litert-int8", "check", "bench", "report"]
+    assert summary["failed"] == [] and read_json(copy / "checks.json")["passed"]
 
 
 @pytest.mark.parametrize("args, needle", [

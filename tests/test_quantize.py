@@ -246,7 +246,7 @@ def test_saved_program_reloads_with_int8_weights_and_same_outputs(quantized, dig
     from difftx_edge.train import evaluate
 
     metrics = evaluate(program.module(), task.test.inputs, task.test.targets, switch_mode=False)
-    assert metrics["accuracy"] == pytest.approx(report["test"]["qat"]["accuracy"])
+    assert metrics["accuracy"] == pytest.approx(report["test"][report["shipped"]]["accuracy"])
 
 
 def test_saved_program_loads_in_a_fresh_process(quantized):
@@ -277,6 +277,43 @@ def test_ptq_method_writes_a_ptq_program(digits_run, tmp_path):
                       progress=False)
     assert report["method"] == "ptq" and report["test"]["qat"] is None and report["qat"] is None
     assert report["test"]["ptq"]["accuracy"] >= report["test"]["fp32"]["accuracy"] - 0.02
+
+
+@pytest.mark.parametrize("ptq, qat, shipped", [
+    ([0.95, -0.30], None, "ptq"),  # QAT not run
+    ([0.95, -0.30], [0.95, -0.30], "ptq"),  # a tie ships PTQ
+    ([0.95, -0.30], [0.94, -0.10], "ptq"),  # lower accuracy, whatever the loss
+    ([0.95, -0.30], [0.95, -0.20], "qat"),  # same accuracy, lower loss
+    ([0.95, -0.30], [0.96, -0.90], "qat"),  # higher accuracy
+])
+def test_qat_ships_only_when_strictly_better_on_validation(ptq, qat, shipped):
+    from difftx_edge.quantize.api import choose_shipped
+
+    chosen, reason = choose_shipped(ptq, qat, "accuracy")
+    assert chosen == shipped and reason
+
+
+def test_report_names_the_shipped_program_and_the_program_is_it(tmp_path):
+    # A tiny run, so the case is quick; which method wins does not matter, only that the report tells the truth.
+    from difftx_edge.tasks import TaskConfig, load_task
+    from difftx_edge.train import TrainConfig, evaluate, primary, train
+
+    small = {"d_model": 32, "n_heads": 2, "n_layers": 1}
+    train(TrainConfig(out=str(tmp_path / "run"), epochs=2, threads=1), TaskConfig("digits"), small, progress=False)
+    report = quantize(QuantConfig(run=str(tmp_path / "run"), out=str(tmp_path / "q"), backend="xnnpack",
+                                  method="qat", steps=4, threads=1), progress=False)
+    scores = report["val_score"]
+    assert report["shipped"] == ("qat" if scores["qat"] > scores["ptq"] else "ptq"), report["reason"]
+    assert report["reason"].startswith("QAT beats" if report["shipped"] == "qat" else "QAT does not beat")
+    program, config = load_quantized(tmp_path / "q")
+    task = load_task(TaskConfig(**config["task"]))
+    val = evaluate(program.module(), task.val.inputs, task.val.targets, switch_mode=False)
+    assert [primary(val, "accuracy"), -val["loss"]] == pytest.approx(scores[report["shipped"]])
+    test = evaluate(program.module(), task.test.inputs, task.test.targets, switch_mode=False)
+    assert test["accuracy"] == pytest.approx(report["test"][report["shipped"]]["accuracy"])
+    ptq_only = quantize(QuantConfig(run=str(tmp_path / "run"), out=str(tmp_path / "p"), backend="xnnpack",
+                                    method="ptq", threads=1), progress=False)
+    assert ptq_only["shipped"] == "ptq" and ptq_only["val_score"]["qat"] is None
 
 
 # -----------------------------------------------------------------------------

@@ -120,6 +120,22 @@ def test_digits_split_depends_only_on_seed(digits: TaskData) -> None:
     assert not torch.equal(other.train.inputs, digits.train.inputs)
 
 
+def test_digits_shifts_move_whole_images_by_one_pixel_at_most_and_are_seeded(digits: TaskData) -> None:
+    from difftx_edge.tasks.digits import patch_images
+
+    x = digits.train.inputs[:200]
+    before = x.clone()
+    shifted = digits.augment(x, torch.Generator().manual_seed(0))
+    assert torch.equal(x, before), "the caller's batch is not changed"
+    assert torch.equal(shifted, digits.augment(x, torch.Generator().manual_seed(0)))
+    images, moved = patch_images(x), patch_images(shifted)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+    for image, out in zip(padded, moved):  # each output is the image moved by (dy, dx) in {-1, 0, 1}^2, all ink kept
+        assert any(torch.equal(image[y:y + 8, x0:x0 + 8], out) for y in range(3) for x0 in range(3))
+    assert torch.allclose(moved.sum((1, 2)), images.sum((1, 2)))
+    assert 0 < (moved != images).flatten(1).any(1).float().mean() < 1
+
+
 def test_digits_patches_match_the_raw_image(digits: TaskData) -> None:
     from sklearn.datasets import load_digits
 

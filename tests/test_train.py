@@ -48,7 +48,8 @@ def test_save_load_round_trip_reproduces_the_test_metric(tmp_path):
 
 def test_kill_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path):
     flags = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--epochs", "8", "--threads", "1",
-             "--dropout", "0.1"]  # dropout: the RNG state must resume too
+             "--dropout", "0.1",  # dropout: the RNG state must resume too
+             "--augment", "--ema", "0.9"]  # the augmentation draws and the weight average must resume too
     reference = cli("train", "--out", str(tmp_path / "ref"), *flags)
     assert reference.returncode == 0, reference.stderr
 
@@ -116,6 +117,18 @@ def test_torch_threads_are_pinned(tmp_path):
     train(TrainConfig(out=str(tmp_path), epochs=1, threads=1), TaskConfig("digits"), SMALL, progress=False)
     assert torch.get_num_threads() == 1
     torch.set_num_threads(2)
+
+
+def test_default_threads_follow_the_model_size():
+    from difftx_edge.train import ONE_THREAD_PARAMS, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(None, 1, ONE_THREAD_PARAMS - 1) == 1  # the digits default is 0.1M parameters
+        assert set_threads(None, 1, ONE_THREAD_PARAMS) == os.cpu_count()
+        assert set_threads(3, 1, 10) == 3  # a count asked for is kept
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_run_directory_holds_the_documented_files(tmp_path):

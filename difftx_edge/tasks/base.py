@@ -98,6 +98,11 @@ class TaskData:
         label_names: Class names (empty for ``"lm"``).
         vocab: Readable name of each token id, or None for features.
         metric: ``"accuracy"`` or ``"bits_per_byte"``.
+        augment: None, or ``augment(inputs, generator) -> inputs``: a random
+            change of a batch of training inputs that keeps every label
+            (digits: shifts of the image by at most one pixel). Training
+            applies it when ``TrainConfig.augment`` is on; it never touches
+            the validation or test split.
     """
 
     name: str
@@ -112,6 +117,7 @@ class TaskData:
     label_names: list[str]
     vocab: list[str] | None
     metric: str
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
     def to_dict(self) -> dict:
         """Returns the JSON-serialisable metadata (no tensors)."""

@@ -30,6 +30,43 @@ def image_patches(images: np.ndarray) -> np.ndarray:
     return blocks.reshape(n, SEQ_LEN, PATCH_DIM)
 
 
+def patch_images(patches: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``image_patches``: ``(N, 16, 4)`` patches back to ``(N, 8, 8)`` images."""
+    n = patches.shape[0]
+    return patches.reshape(n, 4, 4, 2, 2).transpose(2, 3).reshape(n, 8, 8)
+
+
+def shift_images(patches: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    """Moves each image by a random whole number of pixels, at most ``max_shift`` each way, filling with 0.
+
+    The training split's augmentation: load_digits centres every digit in its
+    8x8 box, so a small shift is still a well-formed digit of the same class
+    (0 is the background). Only shifts that push no ink out of the box are
+    drawn, so no stroke is cut off. The draw comes from ``generator`` alone,
+    so a seeded run sees the same shifts every time.
+
+    Args:
+        patches: ``(N, 16, 4)`` patch sequences, as the task serves them.
+        generator: Source of the shifts.
+        max_shift: Largest shift in pixels along each axis.
+
+    Returns:
+        New ``(N, 16, 4)`` patch sequences; ``patches`` is not changed.
+    """
+    n, m = patches.shape[0], max_shift
+    padded = torch.nn.functional.pad(patch_images(patches), (m, m, m, m))  # (N, 8+2m, 8+2m)
+    side = 2 * m + 1
+    offsets = torch.tensor([(y, x) for y in range(side) for x in range(side)])  # (S, 2); (m, m) is no shift
+    ink = padded.flatten(1).sum(1)  # (N,)
+    kept = torch.stack([padded[:, y:y + 8, x:x + 8].flatten(1).sum(1) for y, x in offsets.tolist()], 1)  # (N, S)
+    draw = torch.rand(n, len(offsets), generator=generator).masked_fill(kept < ink[:, None], -1.0)
+    dy, dx = offsets[draw.argmax(1)].T  # uniform over the shifts that keep all the ink
+    rows = (dy[:, None] + torch.arange(8))[:, :, None]  # (N, 8, 1)
+    cols = (dx[:, None] + torch.arange(8))[:, None, :]  # (N, 1, 8)
+    shifted = padded[torch.arange(n)[:, None, None], rows, cols]  # (N, 8, 8)
+    return torch.from_numpy(image_patches(shifted.numpy())).to(patches.dtype)
+
+
 @register_task("digits")
 def load_digits_task(cfg: TaskConfig) -> TaskData:
     """Loads the digits task: 1797 images, stratified 70/10/20 % split by ``cfg.seed``.
@@ -76,4 +113,5 @@ def load_digits_task(cfg: TaskConfig) -> TaskData:
         label_names=[str(d) for d in range(10)],
         vocab=None,
         metric="accuracy",
+        augment=shift_images,
     )

@@ -12,6 +12,10 @@ import torch
 from difftx_edge.tasks.base import Split, TaskConfig, TaskData, reject_unused, register_task
 
 MIN_SAMPLES = 10  # so each of the 80/10/10 % splits gets at least one sample
+# Ids become table rows (embedding, classifier) and one name each: a stray 1e9 would build a billion of them.
+MAX_CLASSES = 100_000
+MAX_TOKEN_ID = 2**20 - 1
+MAX_ARRAY_BYTES = 8 << 30  # an array that unpacks past this is a zip bomb, not a dataset we train on here
 _EVAL_FRACTION = 0.1  # each of val and test
 # What np.load and reading a member raise on a damaged or non-npz file.
 _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -33,6 +37,14 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     if not head.startswith(b"PK"):
         raise ValueError(f"{path} is not an .npz (zip) archive; {fix}")
     try:
+        with zipfile.ZipFile(path) as archive:
+            big = next((m for m in archive.infolist() if m.file_size > MAX_ARRAY_BYTES), None)
+    except _READ_ERRORS as err:
+        raise ValueError(f"{path} is not a readable .npz of plain arrays ({_one_line(err)}); {fix}") from None
+    if big is not None:
+        raise ValueError(f"{path} has an array {big.filename} of {big.file_size / 2**30:.1f} GiB unpacked, more "
+                         f"than the {MAX_ARRAY_BYTES >> 30} GiB this loader takes; give a smaller dataset")
+    try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except _READ_ERRORS as err:
@@ -49,6 +61,11 @@ def _check_ids(name: str, array: np.ndarray, ndim: int, shape: str, path: Path) 
         )
     if array.size and array.min() < 0:
         raise ValueError(f"'{name}' in {path} has negative values (min {array.min()}); use ids 0, 1, 2, ...")
+    limit = MAX_CLASSES - 1 if name == "labels" else MAX_TOKEN_ID
+    if array.size and array.max() > limit:
+        what = f"labels must be 0..K-1 with K <= {MAX_CLASSES}" if name == "labels" else \
+            f"token ids must be at most {MAX_TOKEN_ID} (a vocabulary of {MAX_TOKEN_ID + 1})"
+        raise ValueError(f"'{name}' in {path} go up to {array.max()}: {what}; renumber them 0, 1, 2, ...")
 
 
 def _inputs(arrays: dict[str, np.ndarray], path: Path) -> np.ndarray:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difftx_edge.memory import require_memory
 from difftx_edge.tasks.base import Split, TaskConfig, TaskData, register_task
 
 DEFAULT_SEQ_LEN = 128
@@ -68,6 +69,7 @@ def _stdlib_corpus() -> tuple[bytes, str]:
 
 
 def _user_corpus(data: str) -> tuple[bytes, str]:
+    """The bytes of a text file, or of the text files in a folder, and how to name them in messages."""
     path = Path(data)
     if path.is_file():
         text = _text_bytes(path)
@@ -75,9 +77,23 @@ def _user_corpus(data: str) -> tuple[bytes, str]:
             raise ValueError(f"text data {path} is not a UTF-8 text file; pass a text file or a folder of them")
         return text, str(path)
     if path.is_dir():
-        texts = [t for t in (_text_bytes(p) for p in _walk(path, set())) if t is not None]
-        return b"".join(texts), str(path)
+        files = list(_walk(path, set()))
+        texts = [t for t in (_text_bytes(p) for p in files) if t is not None]
+        skipped = len(files) - len(texts)
+        if not texts:
+            found = f"its {skipped} file(s) are all binary or not UTF-8, and were skipped" if skipped else \
+                "it holds no files (hidden ones are skipped)"
+            raise ValueError(f"text data folder {path} has no text: {found}; pass a folder of UTF-8 text files")
+        # Messages about the corpus (too short, too few windows) say what was skipped to get it.
+        return b"".join(texts), f"{path} ({len(texts)} text file(s), {skipped} binary or non-UTF-8 skipped)"
+    if path.exists():
+        raise ValueError(f"text data {path} is neither a file nor a folder; pass a text file or a folder of them")
     raise ValueError(f"text data {path} does not exist; pass a text file or a folder of text files")
+
+
+def _windows_bytes(n: int, seq_len: int) -> int:
+    """Peak bytes of ``_windows``: the int64 index array, the gathered windows, and the input/target copies."""
+    return 8 * n * (seq_len + 1) * 4
 
 
 def _windows(part: np.ndarray, n: int, seq_len: int, rng: np.random.Generator) -> Split:
@@ -113,9 +129,10 @@ def load_text(cfg: TaskConfig) -> TaskData:
     seq_len = cfg.seq_len or DEFAULT_SEQ_LEN
     stream = np.frombuffer(corpus, dtype=np.uint8)
     requested = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    splits: dict[str, Split] = {}
+    counts: dict[str, int] = {}
+    parts: dict[str, np.ndarray] = {}
     start = 0
-    for index, (part_name, end_fraction) in enumerate(_SPLIT_ENDS.items()):
+    for part_name, end_fraction in _SPLIT_ENDS.items():
         end = int(len(stream) * end_fraction)
         part = stream[start:end]
         start = end
@@ -133,7 +150,14 @@ def load_text(cfg: TaskConfig) -> TaskData:
                 f"n_{part_name}={n} exceeds the {available} distinct windows of seq_len={seq_len} in the "
                 f"{part_name} part of {source}; lower n_{part_name} or give more text"
             )
-        splits[part_name] = _windows(part, n, seq_len, np.random.default_rng([cfg.seed, index]))
+        counts[part_name], parts[part_name] = n, part
+    # Every window is copied out of the stream: long windows times many of them outgrow memory before training.
+    require_memory(sum(_windows_bytes(n, seq_len) for n in counts.values()),
+                   f"the text task's {sum(counts.values())} windows of {seq_len + 1} bytes",
+                   "lower --seq-len or --n-train / --n-val / --n-test")
+    splits = {part_name: _windows(parts[part_name], counts[part_name], seq_len,
+                                  np.random.default_rng([cfg.seed, index]))
+              for index, part_name in enumerate(_SPLIT_ENDS)}
     return TaskData(
         name="text",
         objective="lm",

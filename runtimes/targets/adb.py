@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from difftx_edge.runtimes.measure import summarize
+from difftx_edge.runtimes.registry import inside
 from difftx_edge.runtimes.targets.registry import register_target
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class AdbTarget:
         if binary is None:
             raise ValueError(f"{job.bundle} is a {fmt} bundle: pass {flag} PATH, the {runner} binary built for "
                              "Android (see the README)")
-        artifact = Path(job.bundle) / job.manifest["artifact"]
+        artifact = inside(job.bundle, job.manifest.get("artifact"), "artifact")  # never a file outside the bundle
         if not artifact.is_file():
             raise ValueError(f"{artifact} is missing: the bundle's manifest names it; export the bundle again")
         if fmt == "executorch" and job.runs is None:

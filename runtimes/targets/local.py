@@ -9,6 +9,9 @@ from pathlib import Path
 
 from difftx_edge.runtimes.targets.registry import CommandTarget, register_target
 
+# Python 3.11's -P leaves the working directory off sys.path (3.10 has no such flag; a zipapp needs none).
+SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
+
 
 @register_target("local")
 class LocalTarget(CommandTarget):
@@ -28,7 +31,9 @@ class LocalTarget(CommandTarget):
 
     def python(self, runtime: str) -> list[str]:
         if runtime == "torch":  # eager torch needs the whole package
-            return [sys.executable, "-m", "difftx_edge.runtimes.measure"]
+            # -P: the installed package, never a difftx_edge/ folder in the working directory. From a clone's
+            # root, that folder is the source tree, which lacks runtimes/ (it installs from the top level).
+            return [sys.executable, *SAFE_PATH, "-m", "difftx_edge.runtimes.measure"]
         # The device runner, as on a board: importing difftx_edge itself would load torch, and count it as memory.
         runner = self.scratch / "runner.pyz"
         if not runner.exists():

@@ -22,6 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from difftx_edge.runtimes.registry import links_outside
 from difftx_edge.runtimes.targets.registry import CommandTarget, register_target
 
 _URL = re.compile(r"ssh://(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]*)@)?"
@@ -106,6 +107,8 @@ class SshTarget(CommandTarget):
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as archive:
             for name, path in files.items():
+                if Path(path).is_dir() and links_outside(path):  # tar would copy the link; never what it names
+                    raise ValueError(f"{path} holds links to files outside it: refusing to copy it to {self.url}")
                 archive.add(str(path), arcname=name)
         remote = f"mkdir -p {shlex.quote(into)} && tar -xf - -C {shlex.quote(into)}"
         self._ssh(remote, data=buffer.getvalue(), what="copying files")

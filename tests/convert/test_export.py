@@ -237,8 +237,10 @@ def test_convert_names_an_op_no_format_supports(tmp_path):
     torch.export.save(torch.export.export(Inverse(), (torch.randn(1, 4, 4),)), path)
     for fmt in sorted(FORMATS):
         done = cli("convert", str(path), "--format", fmt, "--out", str(tmp_path / "out"))
-        one_line_error(done, f"{fmt} cannot convert inverse.pt2")
-        assert "linalg_inv" in done.stderr.strip().splitlines()[-1]
+        # A format that fails to build is exit 1 (bad input is 2), with its one line before the summary line.
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert f"{fmt} cannot convert inverse.pt2" in done.stderr.strip().splitlines()[-2]
+        assert "linalg_inv" in done.stderr.strip().splitlines()[-2]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -266,3 +268,113 @@ def test_readme_embeds_the_formats_table_from_the_registry():
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert formats_table(installed=False) in readme
+
+
+# -----------------------------------------------------------------------------
+# One failing format never takes down the others
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory):
+    """A small digits run with ExecuTorch's int8 program (PTQ), and a LiteRT program folder whose .pt2 is cut
+    short: a real broken input for one format, built deterministically."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("keep_going")
+    run = root / "run"
+    train(TrainConfig(out=str(run), epochs=8, threads=1), TaskConfig("digits"),
+          {"d_model": 16, "n_heads": 2, "n_layers": 1}, progress=False)
+    quantize(QuantConfig(run=str(run), backend="xnnpack", method="ptq", calib_batches=2, threads=1), progress=False)
+    broken = run / "int8" / "litert"
+    shutil.copytree(run / "int8" / "xnnpack", broken)
+    program = broken / "quantized.pt2"
+    program.write_bytes(program.read_bytes()[:1000])
+    return run
+
+
+def test_a_failing_format_leaves_the_others_built_and_is_one_line(int8_run, tmp_path, capfd):
+    from difftx_edge.cli import main
+    from difftx_edge.convert.api import ExportFailed
+
+    out = tmp_path / "bundles"
+    seen = []
+    with pytest.raises(ExportFailed) as failed:
+        export_run(ExportConfig(run=str(int8_run), out=str(out), format="litert,executorch", precision="int8",
+                                parity_batches=2, accuracy=False, threads=1),
+                   on_result=lambda name, manifest, reason: seen.append((name, manifest is not None, reason)))
+    # litert comes first and fails; executorch is still built, checked and written.
+    assert [(name, ok) for name, ok, _ in seen] == [("litert-int8", False), ("executorch-int8", True)]
+    assert [m["format"] for m in failed.value.manifests] == ["executorch"]
+    (failure,) = failed.value.failures
+    assert failure["bundle"] == "litert-int8" and "does not match its config" in failure["reason"]
+    assert "\n" not in failure["reason"] and failure["reason"].startswith("litert-int8: ")
+    check_bundle(out, "executorch", "int8")
+    assert not (out / "litert-int8").exists()
+
+    # The command line: the built bundle on stdout, the failure as one line, exit 1 (bad input is 2).
+    out2 = tmp_path / "cli"
+    capfd.readouterr()
+    code = main(["export", "--run", str(int8_run), "--out", str(out2), "--format", "litert,executorch",
+                 "--precision", "int8", "--parity-batches", "2", "--no-accuracy", "--threads", "1"])
+    captured = capfd.readouterr()
+    assert code == 1 and "Traceback" not in captured.err
+    (line,) = captured.out.strip().splitlines()
+    assert json.loads(line)["bundle"] == f"{out2}/executorch-int8"
+    errors = captured.err.strip().splitlines()
+    assert errors[0].startswith("difftx-edge export: litert-int8: ") and "does not match its config" in errors[0]
+    assert errors[-1].startswith("difftx-edge export: 1 of 2 bundles failed") and len(errors) == 2, errors
+    log = tmp_path / "cli.export.log"
+    assert log.is_file() and "==== executorch-int8" in log.read_text()
+    assert (out2 / "executorch-int8" / "model.pte").is_file()
+
+
+def test_every_parity_failure_says_what_to_try_next():
+    import numpy as np
+    from difftx_edge.convert.bundle import compare
+
+    torch_out = [np.array([[0.0, 1.0, 2.0]], np.float32)]
+    far = [np.array([[0.0, 1.0, 2.5]], np.float32)]
+    fp32 = compare(far, torch_out, "fp32", None)
+    assert not fp32["passed"] and "> 0.0001, the fp32 tolerance on the logits" in fp32["failure"]
+    assert "--threads 1" in fp32["failure"]
+    int8 = compare(far, torch_out, "int8", 0.1)
+    assert not int8["passed"] and "5.00 output steps" in int8["failure"]
+    for advice in ("--threads 1", "--method (ptq or qat)", "quantized.pt2"):
+        assert advice in int8["failure"]
+
+
+def test_convert_reports_each_failing_format_and_exits_1(tmp_path, capfd):
+    from difftx_edge.cli import main
+
+    class Inverse(nn.Module):
+        def forward(self, x):
+            return torch.linalg.inv(x @ x.transpose(-1, -2) + torch.eye(4)).sum(-1)
+
+    path = tmp_path / "inverse.pt2"
+    torch.export.save(torch.export.export(Inverse(), (torch.randn(1, 4, 4),)), path)
+    capfd.readouterr()
+    code = main(["convert", str(path), "--format", "onnx,executorch", "--out", str(tmp_path / "out")])
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 3, lines  # one per format, then the summary: the toolchains' chatter is in the log
+    assert lines[0].startswith("difftx-edge convert: onnx-fp32: onnx cannot convert inverse.pt2")
+    assert lines[1].startswith("difftx-edge convert: executorch-fp32: executorch cannot convert inverse.pt2")
+    assert "2 of 2 bundles failed" in lines[2] and (tmp_path / "out.convert.log").is_file()
+
+
+def test_manifests_hold_no_build_paths(int8_run, tmp_path):
+    """Manifests ship inside apps: they name the run or .pt2 by name and sha256, never by a path here."""
+    (manifest,) = export_run(ExportConfig(run=str(int8_run), out=str(tmp_path / "b"), format="executorch",
+                                          precision="int8", parity_batches=2, accuracy=False, threads=1))
+    assert manifest["source"]["run"] == "run" and len(manifest["source"]["sha256"]) == 64
+    assert manifest["quantized_from"] == "int8/xnnpack"
+    text = (tmp_path / "b" / "executorch-int8" / MANIFEST).read_text()
+    assert str(int8_run.parent) not in text and str(tmp_path) not in text
+
+    model = nn.Sequential(nn.Linear(3, 4)).eval()
+    path = tmp_path / "linear.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3),)), path)
+    (manifest,) = convert_pt2(path, tmp_path / "c", "onnx", threads=1, parity_batches=2)
+    assert manifest["source"] == {"pt2": "linear.pt2", "sha256": manifest["source"]["sha256"]}
+    assert str(tmp_path) not in (tmp_path / "c" / "onnx-fp32" / MANIFEST).read_text()
