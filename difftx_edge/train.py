@@ -520,8 +520,9 @@ def estimate_training_memory(cfg: ModelConfig, batch_size: int, seq_len: int, ev
     attention = [scores(kind, H) for kind in kinds]  # floats per example, per layer
     dense = N * (14 * C + 3 * d_ff)  # floats per example per layer: LayerNorms, projections, MLP, residuals
     head = N * cfg.n_outputs if cfg.head == "lm" else cfg.n_outputs
-    # A causal mask is built once per layer as an (N, N+1) bool array and its float additive form.
-    masks = max((N * (N + 1) * 5 for kind in kinds if kind == "softmax" and cfg.causal), default=0)
+    # A causal softmax builds its (N, N) bool mask, pads it to (N, N+1) for the null key, and SDPA turns that into
+    # a float additive mask: 1 + 1 + 4 bytes a score, one layer at a time.
+    masks = max((N * (N + 1) * 6 for kind in kinds if kind == "softmax" and cfg.causal), default=0)
     parts = {
         # weights, gradients, AdamW's two moments; the checkpoint's CPU copy and its serialized bytes
         "parameters": count * f32 * 11,
