@@ -110,23 +110,20 @@ class Ctx:
 
     def run(self, config: Callable[[dict], object] | None = None) -> str:
         """A copy of the trained run, its config.json changed by ``config(cfg)`` (which may return a new one)."""
-        run = self.tmp / "run"
-        shutil.copytree(self.world.run, run)
-        if config is not None:
-            cfg = json.loads((run / "config.json").read_text())
-            changed = config(cfg)
-            (run / "config.json").write_text(json.dumps(cfg if changed is None else changed))
-        return str(run)
+        return self._copy(self.world.run, "run", "config.json", config)
 
     def bundle(self, manifest: Callable[[dict], object] | None = None) -> str:
         """A copy of the ONNX bundle, its manifest changed by ``manifest(m)`` (which may return a new one)."""
-        bundle = self.tmp / "onnx-fp32"
-        shutil.copytree(self.world.bundle, bundle)
-        if manifest is not None:
-            m = json.loads((bundle / "manifest.json").read_text())
-            changed = manifest(m)
-            (bundle / "manifest.json").write_text(json.dumps(m if changed is None else changed))
-        return str(bundle)
+        return self._copy(self.world.bundle, "onnx-fp32", "manifest.json", manifest)
+
+    def _copy(self, source: Path, name: str, json_name: str, change: Callable[[dict], object] | None) -> str:
+        folder = self.tmp / name
+        shutil.copytree(source, folder)
+        if change is not None:
+            data = json.loads((folder / json_name).read_text())
+            changed = change(data)
+            (folder / json_name).write_text(json.dumps(data if changed is None else changed))
+        return str(folder)
 
     def npz(self, **arrays) -> str:
         path = self.tmp / "data.npz"
