@@ -150,10 +150,10 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
     if limit is not None and N > limit:
         raise ValueError(f"sequence length {N} is longer than this model can serve ({limit}: its learned position "
                          "table or low-rank projection): choose --seq-len <= " + str(limit))
-    # Bad input, found before any format is built: a missing program, another length, or a file the safe
-    # loader refuses (each backend's quantizer writes its own program, so no two formats share one).
-    int8_programs = {name: _int8_program(cfg, spec, N) for name, spec in specs.items()} \
-        if cfg.precision == "int8" else {}
+    # A missing program or one of another length is a mistake in the command, found before anything is built.
+    # A program that is corrupt or that the safe loader refuses fails its own format only (each backend's
+    # quantizer writes its own program, so no two formats share one).
+    int8_dirs = {name: _int8_dir(cfg, spec, N) for name, spec in specs.items()} if cfg.precision == "int8" else {}
     test_x, test_y = _fit_length(task.test.inputs, N), task.test.targets
     same_length = N == task.seq_len
     # Only the run's folder name: manifests ship inside apps, and a build machine's paths are no app's business.
@@ -171,7 +171,8 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
     def build(name: str) -> dict:
         spec = specs[name.rsplit("-", 1)[0]]
         if cfg.precision == "int8":
-            program, quant_dir, step, reference_module = int8_programs[spec.name]
+            quant_dir = int8_dirs[spec.name]
+            program, step, reference_module = _int8_program(quant_dir, cfg.batch)
         else:
             # Exported afresh for each format: an exporter may rewrite the program's lifted constants in place.
             reference_module = model
@@ -218,18 +219,17 @@ def _int8_dir(cfg: ExportConfig, spec, N: int) -> Path:
     return quant_dir
 
 
-def _int8_program(cfg: ExportConfig, spec, N: int):
-    """The backend's quantized program, re-exported with a static batch."""
+def _int8_program(quant_dir: Path, batch: int):
+    """The quantized program in ``quant_dir``, re-exported with a static batch: ``(program, output_step, module)``."""
     from difftx_edge.quantize import load_quantized
     from difftx_edge.quantize.pt2e import output_step
 
-    quant_dir = _int8_dir(cfg, spec, N)
     program, qconfig = load_quantized(quant_dir)
     module = program.module()
-    shape = [cfg.batch, *qconfig["input"]["shape"][1:]]
+    shape = [batch, *qconfig["input"]["shape"][1:]]
     example = torch.zeros(shape, dtype=getattr(torch, qconfig["input"]["dtype"]))
     static = torch.export.export(module, (example,))
-    return static, quant_dir, output_step(module), module
+    return static, output_step(module), module
 
 
 def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = "all", precision: str = "fp32",
