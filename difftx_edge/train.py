@@ -53,7 +53,9 @@ class TrainConfig:
     warmup: float = 0.05  # fraction of all steps spent warming the learning rate up
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
-    augment: bool = False  # the task's label-keeping random changes of training batches (digits: pixel shifts)
+    # The task's label-keeping random changes of training batches (digits: one-pixel shifts); tasks without
+    # any ignore it. On by default: with window 4 it lifted digits' test accuracy on every seed tried.
+    augment: bool = True
     ema: float = 0.0  # decay of an exponential moving average of the weights, which is scored and saved; 0: off
     seed: int = 0
     threads: int | None = None  # None: 1 for a model under ONE_THREAD_PARAMS, else the cores divided among the processes
@@ -333,7 +335,10 @@ def _train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | N
             if len(batch) < dist.world:  # a remainder too small to give every process a sample
                 continue
             mine = batch[dist.rank::dist.world]  # this process's share of the global batch
-            x = x_train[mine] if augment is None else augment(x_train[mine], generator)
+            if augment is None:
+                x = x_train[mine]
+            else:  # the whole global batch, then this process's share: every process makes the same draws
+                x = augment(x_train[batch], generator)[dist.rank::dist.world]
             x, y = x.to(device), y_train[mine].to(device)
             loss_sum, _ = loss_and_metric(net(x), y, train_cfg.label_smoothing)
             # Dividing by the global batch's target count (times world, which DDP averages

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from difftx_edge.runtimes.registry import MANIFEST, RUNTIMES, Bundle, runner_dtype, runtime_for
-from difftx_edge.runtimes.targets import Job, make_target
+from difftx_edge.runtimes.targets import Job, make_target, target_class
 
 from difftx_edge.io import atomic_write_bytes, atomic_write_json, require_output_dir
 
@@ -82,6 +82,11 @@ class BenchConfig:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
         if self.runner not in RUNNERS:
             raise ValueError(f"unknown runner {self.runner!r}: use one of {', '.join(RUNNERS)}")
+        # Here, before any target is made: a refusal costs no connection, and needs no adb or board.
+        if self.accuracy and not target_class(self.target).measures_accuracy:
+            raise ValueError(f"target {self.target} does not measure accuracy: its benchmark binaries feed their own "
+                             "inputs, not the task's test split; drop --accuracy, or measure accuracy on this "
+                             "machine (--target local) or an ssh:// board")
         self.lengths()
 
     def lengths(self) -> list[int] | None:
@@ -163,12 +168,8 @@ def _plan(cfg: BenchConfig, path: Path, target, device: dict, scratch: Path,
         if failure is None and lengths is not None and job.seq_len not in lengths:
             failure = (f"this bundle is exported for sequence length {job.seq_len}, not {cfg.seq_lens}: export one "
                        "bundle per length with difftx-edge export --seq-len")
-        if failure is None and cfg.accuracy:
-            if not target.measures_accuracy:
-                failure = f"target {target.url} runs benchmark binaries that feed their own inputs: measure " \
-                          "--accuracy on a local or ssh:// target"
-            else:
-                job.data, failure = _accuracy_data(_find_run(manifest, path, runs), job, scratch)
+        if failure is None and cfg.accuracy:  # a target that cannot measure it was refused by BenchConfig
+            job.data, failure = _accuracy_data(_find_run(manifest, path, runs), job, scratch)
         return [(job, failure)]
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} holds neither a bundle's {MANIFEST} nor a run's config.json: give bundle folders "

@@ -298,3 +298,22 @@ def test_make_target_passes_the_options(binary):
     assert isinstance(target, AdbTarget)
     assert (target.serial, target.gpu, target.timeout, target.binaries["litert"]) == (
         "emulator-5554", True, 30.0, binary)
+
+
+def test_accuracy_is_refused_in_one_line_before_any_device_work(tmp_path, binary, monkeypatch, capfd):
+    """The phone's binaries feed their own inputs, so --accuracy is bad input: exit 2 and one line, before the
+    target is made (no adb is looked for, no phone is contacted). It once ended in an AttributeError traceback."""
+    import difftx_edge.runtimes.bench as harness
+    from difftx_edge.cli import main
+
+    monkeypatch.setattr(harness, "make_target", lambda *a, **k: pytest.fail("the target was made first"))
+    out = tmp_path / "results"
+    code = main(["bench", str(make_bundle(tmp_path, "litert")), "--target", "adb://emulator-5554",
+                 "--benchmark-model", str(binary), "--accuracy", "--out", str(out)])
+    stderr = capfd.readouterr().err
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("difftx-edge bench: error: target adb://emulator-5554 does not measure accuracy")
+    assert "drop --accuracy" in line and "--target local" in line
+    assert not out.exists()

@@ -179,17 +179,51 @@ def test_torch_rows_at_several_lengths(bundles, tmp_path):
     assert "longer than this model serves (16)" in results["rows"][2]["error"]
 
 
-def test_cuda_target_runs_torch_and_onnxruntime_rows_only(bundles, tmp_path):
+def cuda_rows(bundles, tmp_path) -> list[dict]:
+    """The torch, ONNX Runtime and LiteRT rows of the small model on the cuda target."""
     results = bench(BenchConfig(bundles=[str(bundles["run_small"]), str(bundles["small/onnx-fp32"]),
                                          str(bundles["small/litert-fp32"])], target="cuda", runs=3,
                                 plots=False, out=str(tmp_path)), progress=False)
-    torch_row, onnx_row, litert_row = results["rows"]
-    assert litert_row["status"] == "failed" and "runs torch and onnxruntime rows only" in litert_row["error"]
-    if torch.cuda.is_available():
-        assert torch_row["status"] == "ok" and torch_row["gpu_peak_mb"] > 0
-    else:
-        assert "finds no CUDA device" in torch_row["error"]
-        assert "CUDAExecutionProvider" in onnx_row["error"]
+    assert [row["runtime"] for row in results["rows"]] == ["torch", "onnxruntime", "litert"]
+    assert all(row["device"] == "cuda" for row in results["rows"])
+    litert_row = results["rows"][2]
+    assert (litert_row["status"], litert_row["error"]) == (
+        "failed", "target cuda runs torch and onnxruntime rows only, not litert")
+    return results["rows"]
+
+
+# Each machine runs exactly one of the two cases below, and each states what must hold there. CI has no GPU, so
+# there the first one runs: a skip, not conftest.unavailable, which would fail CI for lacking a GPU.
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the case with a GPU runs instead")
+def test_cuda_target_without_a_gpu_refuses_each_row_in_one_line(bundles, tmp_path):
+    import onnxruntime as ort
+
+    torch_row, onnx_row, _ = cuda_rows(bundles, tmp_path)
+    assert (torch_row["status"], torch_row["error"]) == (
+        "failed", "torch finds no CUDA device here: run the cuda target on a machine with an NVIDIA GPU and a "
+                  "CUDA build of torch")
+    # The onnx extra installs onnxruntime's CPU build, which names the providers it has instead.
+    assert (onnx_row["status"], onnx_row["error"]) == (
+        "failed", f"this onnxruntime build has no CUDAExecutionProvider (it has "
+                  f"{', '.join(ort.get_available_providers())}): pip install onnxruntime-gpu on a machine with an "
+                  "NVIDIA GPU and CUDA")
+    assert "p50_ms" not in torch_row and "p50_ms" not in onnx_row
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (CI has none): the case without a "
+                                                          "GPU runs instead")
+def test_cuda_target_measures_torch_and_onnxruntime_rows_on_the_gpu(bundles, tmp_path):
+    import onnxruntime as ort
+
+    torch_row, onnx_row, _ = cuda_rows(bundles, tmp_path)
+    assert torch_row["status"] == "ok", torch_row["error"]
+    assert torch_row["info"]["device"] == "cuda" and torch_row["info"]["gpu"] == torch.cuda.get_device_name()
+    assert torch_row["gpu_peak_mb"] > 0 and torch_row["runs"] == 3
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # a CPU build of onnxruntime on a GPU machine
+        assert onnx_row["status"] == "failed" and "pip install onnxruntime-gpu" in onnx_row["error"]
+    else:  # measured on the GPU: the session did not fall back to the CPU
+        assert onnx_row["status"] == "ok", onnx_row["error"]
+        assert onnx_row["info"]["providers"][0] == "CUDAExecutionProvider" and onnx_row["runs"] == 3
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -210,6 +244,40 @@ def test_a_missing_path_is_one_line(tmp_path):
     one_line_error(cli("bench", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")), "is not a directory")
     (tmp_path / "empty").mkdir()
     one_line_error(cli("bench", str(tmp_path / "empty"), "--out", str(tmp_path / "o")), "holds neither a bundle's")
+
+
+def test_every_target_has_what_the_harness_reads():
+    """Each attribute the harness reads of a target (``target.x``, or ``target_class(url).x`` before one is
+    made) is declared on Target, and every registered target subclasses it and implements its methods. The adb
+    target once copied the interface by hand, missed ``measures_accuracy``, and --accuracy ended in a traceback."""
+    import ast
+    import inspect
+
+    from difftx_edge.runtimes import bench as harness
+    from difftx_edge.runtimes.registry import RUNTIMES
+    from difftx_edge.runtimes.targets import TARGETS, Target
+
+    def is_target(node: ast.expr) -> bool:
+        if isinstance(node, ast.Call):
+            return isinstance(node.func, ast.Name) and node.func.id == "target_class"
+        return isinstance(node, ast.Name) and node.id == "target"
+
+    read = {node.attr for node in ast.walk(ast.parse(inspect.getsource(harness)))
+            if isinstance(node, ast.Attribute) and is_target(node.value)}
+    read -= set(dir(dict))  # table() names the results' target dict "target" too: dict methods are the dict's
+    assert {"describe", "run", "device", "runtimes", "measures_accuracy"} <= read
+    declared = set(dir(Target("probe")))  # url and timeout are set by its constructor
+    assert read <= declared, f"the harness reads {sorted(read - declared)}, which Target does not declare"
+
+    assert {"local", "cuda", "ssh", "adb"} <= set(TARGETS)
+    for scheme, cls in TARGETS.items():
+        assert issubclass(cls, Target), scheme
+        for method in ("describe", "run"):
+            assert getattr(cls, method) is not getattr(Target, method), f"{scheme} does not implement {method}"
+        assert isinstance(cls.emulated, bool) and isinstance(cls.measures_accuracy, bool), scheme
+        assert cls.device in ("cpu", "cuda"), scheme
+        assert cls.runtimes is None or set(cls.runtimes) <= set(RUNTIMES), scheme
+        assert "timeout" in inspect.signature(cls).parameters, scheme  # make_target passes --timeout
 
 
 # -----------------------------------------------------------------------------

@@ -4,6 +4,14 @@ Importing this package starts nothing: a target connects when the harness opens 
 """
 
 from difftx_edge.runtimes.targets import adb, local, ssh  # noqa: F401  (each registers its target)
-from difftx_edge.runtimes.targets.registry import TARGETS, CommandTarget, Job, make_target, register_target
+from difftx_edge.runtimes.targets.registry import (
+    TARGETS,
+    CommandTarget,
+    Job,
+    Target,
+    make_target,
+    register_target,
+    target_class,
+)
 
-__all__ = ["TARGETS", "CommandTarget", "Job", "make_target", "register_target"]
+__all__ = ["TARGETS", "CommandTarget", "Job", "Target", "make_target", "register_target", "target_class"]

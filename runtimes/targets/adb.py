@@ -42,7 +42,7 @@ from pathlib import Path
 
 from difftx_edge.runtimes.measure import summarize
 from difftx_edge.runtimes.registry import inside
-from difftx_edge.runtimes.targets.registry import register_target
+from difftx_edge.runtimes.targets.registry import Target, register_target
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def parse_adb_url(url: str) -> str:
 
 
 @register_target("adb")
-class AdbTarget:
+class AdbTarget(Target):
     """Measures LiteRT and ExecuTorch bundles on an Android phone with the runtimes' own native binaries.
 
     Args:
@@ -113,17 +113,18 @@ class AdbTarget:
         timeout: seconds one row may take, pushing included.
     """
 
-    emulated = False
     runtimes = ("litert", "executorch")
     # The runtimes' device path for the harness's checks: the phone's delegate is each row's "delegate".
     device = "cpu"
+    measures_accuracy = False  # the binaries feed their own inputs, never the task's test split
 
     def __init__(self, url: str, *, benchmark_model: str | None = None, executorch_runner: str | None = None,
                  gpu: bool = False, timeout: float = 600.0):
-        self.url, self.serial = url, parse_adb_url(url)
+        super().__init__(url, timeout)
+        self.serial = parse_adb_url(url)
         self.binaries = {"litert": _binary(benchmark_model, "--benchmark-model"),
                          "executorch": _binary(executorch_runner, "--executorch-runner")}
-        self.gpu, self.timeout = gpu, timeout
+        self.gpu = gpu
 
     def describe(self) -> dict:
         """The phone: its model, then its SoC platform and CPU ABI, as getprop reports them."""
@@ -195,12 +196,6 @@ class AdbTarget:
 
     def close(self) -> None:
         """Nothing to do: each row removes its own directory on the phone."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # adb ----------------------------------------------------------------------------------------------------------
     def _adb(self, adb: str, args: list[str], deadline: float, what: str) -> str:

@@ -1,7 +1,8 @@
 """Where the benchmark harness measures: one target per URL scheme, each in its own module.
 
 A target runs one :class:`Job` (a bundle, or a run directory, at one setting)
-and returns its measurement. The local, CUDA and SSH targets share
+and returns its measurement. Every target subclasses :class:`Target`, which
+declares all that the harness reads of one. The local, CUDA and SSH targets share
 :class:`CommandTarget`: each measurement is a fresh process, either the
 ``measure`` module (Python runtimes) or the native ExecuTorch runner, started
 here or on a board; only how files get there and how a command starts differ.
@@ -65,47 +66,88 @@ class Job:
         return self.source
 
 
-TARGETS: dict[str, type] = {}
+class Target:
+    """Everything the harness reads of a target; each registered target subclasses it.
+
+    The class attributes are read before a target is made (the bench and
+    pipeline configs check them), so a subclass sets them on the class.
+
+    Attributes:
+        url: the URL the target was made from, as rows and errors name it.
+        timeout: seconds one command or row may take.
+        emulated: the board is an emulator, so timings are not the board's (set once ``describe`` has run).
+        device: the runtimes' device path that rows ask for: "cpu" or "cuda".
+        runtimes: the runtimes whose rows it runs; None: all.
+        measures_accuracy: it can run the task's test inputs for ``--accuracy``. A phone's benchmark
+            binaries feed their own inputs, so the adb target cannot.
+    """
+
+    emulated = False
+    device = "cpu"
+    runtimes: tuple[str, ...] | None = None
+    measures_accuracy = True
+
+    def __init__(self, url: str, timeout: float = 600.0):
+        self.url, self.timeout = url, timeout
+
+    def describe(self) -> dict:
+        """The machine the rows run on, for the results' ``target``."""
+        raise NotImplementedError
+
+    def run(self, job: Job) -> dict:
+        """Measures one row; raises ValueError (one line) when it fails."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Remove what this target put on the device."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+TARGETS: dict[str, type[Target]] = {}
 
 
 def register_target(scheme: str):
     """Register a target class for URLs ``scheme://...`` (or the bare word); returns the class unchanged."""
 
-    def wrap(cls: type) -> type:
+    def wrap(cls: type[Target]) -> type[Target]:
+        if not issubclass(cls, Target):
+            raise TypeError(f"target {cls.__name__} must subclass Target: the harness reads what Target declares")
         TARGETS[scheme] = cls
         return cls
 
     return wrap
 
 
-def make_target(url: str, **options):
+def target_class(url: str) -> type[Target]:
+    """The registered class for ``url``, found without making a target (nothing connects)."""
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    if scheme not in TARGETS:
+        raise ValueError(f"unknown target {url!r}: use local, cuda, ssh://user@host[:port] or adb://SERIAL")
+    return TARGETS[scheme]
+
+
+def make_target(url: str, **options) -> Target:
     """The target for ``url`` ("local", "cuda", "ssh://user@host:port", "adb://SERIAL").
 
     Each target takes the ``options`` its constructor names (``ssh_config``,
     ``benchmark_model``, ``timeout``...) and ignores the rest.
     """
-    scheme = url.split("://", 1)[0] if "://" in url else url
-    if scheme not in TARGETS:
-        raise ValueError(f"unknown target {url!r}: use local, cuda, ssh://user@host[:port] or adb://SERIAL")
-    cls = TARGETS[scheme]
+    cls = target_class(url)
     accepted = inspect.signature(cls).parameters
     return cls(url, **{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
-class CommandTarget:
+class CommandTarget(Target):
     """A target that runs each measurement as a command: here (local, cuda) or on a board (ssh).
 
     Subclasses say how a file reaches the command (``stage``), how the command
     starts (``command``), and how a file comes back (``fetch``).
     """
-
-    emulated = False
-    device = "cpu"
-    runtimes: tuple[str, ...] | None = None  # the runtimes it runs; None: all
-    measures_accuracy = True  # it runs the task's test inputs (a phone's benchmark binaries feed their own)
-
-    def __init__(self, url: str, timeout: float = 600.0):
-        self.url, self.timeout = url, timeout
 
     # Subclass hooks -------------------------------------------------------------------------------------------
     def stage(self, files: dict[str, Path], outputs: tuple[str, ...] = ()) -> dict[str, str]:
@@ -132,15 +174,6 @@ class CommandTarget:
 
     def describe(self) -> dict:
         return json.loads(self.execute([*self.python("describe"), "--describe"], {}, None, "describe"))
-
-    def close(self) -> None:
-        """Remove what this target put on the device."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # Shared -----------------------------------------------------------------------------------------------------
     def run(self, job: Job) -> dict:
