@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from difftx_edge.io import atomic_write_bytes, atomic_write_json
+from difftx_edge.runtimes.measure import int8_features_text
 
 # Environment for a child process that measures memory, and only memory. A
 # fixed mmap threshold turns off glibc's dynamic threshold, which would
@@ -202,10 +203,7 @@ def markdown_table(header: list[str], rows: list[list[object]], align: str | Non
 def machine_markdown(info: dict) -> str:
     """One line of machine info for the top of a results file."""
     load = info.get("loadavg_1m_5m_15m")
-    features = info.get("cpu_features") or {}
-    int8 = ", ".join(features.get("int8", [])) or "none"
-    dot = "with" if features.get("int8_dot_product") else "without"
-    parts = [f"{info['cpu']} (int8 features: {int8}; {dot} an int8 dot product)", f"{info['cores']} cores",
+    parts = [f"{info['cpu']} ({int8_features_text(info.get('cpu_features'))})", f"{info['cores']} cores",
              f"{info['threads']} thread(s)",
              f"torch {info['torch']}", f"Python {info['python']}", info["os"]]
     if load:

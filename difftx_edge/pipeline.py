@@ -666,7 +666,7 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, 
             report lists them first and marks what they left out.
     """
     from difftx_edge.quantize.api import versions
-    from difftx_edge.runtimes.measure import describe
+    from difftx_edge.runtimes.measure import describe, int8_features_text
 
     failed = failed or {}
 
@@ -808,11 +808,13 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, 
     machine = describe()
     lines += ["## Machine", "",
               f"- Host (training, QAT, export, checks): {machine['cpu']} ({machine['machine']}, {machine['cores']} "
-              f"cores), {machine['os']}, Python {machine['python']}; {cfg.threads or machine['cores']} thread(s)."]
+              f"cores; {int8_features_text(machine['cpu_features'])}), {machine['os']}, Python {machine['python']}; "
+              f"{cfg.threads or machine['cores']} thread(s)."]
     if results:
         target = results["target"]
         lines.append(f"- Benchmark target `{target['url']}`: {target.get('cpu')} ({target.get('machine')}, "
-                     f"{target.get('cores')} cores), {target.get('os')}, {results['config']['threads']} thread(s).")
+                     f"{target.get('cores')} cores; {int8_features_text(target.get('cpu_features'))}), "
+                     f"{target.get('os')}, {results['config']['threads']} thread(s).")
     lines += ["", "## Versions", ""]
     found = {**machine["packages"], **versions(None)}
     lines += [_table(["package", "version"], [[name, found[name]] for name in sorted(found)]), ""]

@@ -159,6 +159,13 @@ def cpu_features() -> dict:
     return {"int8": present, "int8_dot_product": bool({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} & flags)}
 
 
+def int8_features_text(features: dict | None) -> str:
+    """``cpu_features()`` in words, for results tables: "int8 features: avx2, avx512_vnni; with an int8 dot product"."""
+    features = features or {}
+    named = ", ".join(features.get("int8", [])) or "none"
+    return f"int8 features: {named}; {'with' if features.get('int8_dot_product') else 'without'} an int8 dot product"
+
+
 def describe() -> dict:
     """The machine this runs on and the runtime packages it has, for the results' header."""
     from importlib.metadata import PackageNotFoundError, version
