@@ -43,8 +43,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (MEMORY_ENV, command_line, machine_info, machine_markdown, markdown_table, peak_extra_rss_mb,
-                    pin_threads, summarize_ms, time_calls, write_bytes, write_json, write_text)
+from common import (
+    MEMORY_ENV,
+    command_line,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    peak_extra_rss_mb,
+    pin_threads,
+    summarize_ms,
+    time_calls,
+    write_bytes,
+    write_json,
+    write_text,
+)
+
 from difftx_edge.model import ATTENTION, DiffTransformer, ModelConfig, SoftmaxAttention, register_attention
 from difftx_edge.runtimes.targets.registry import thread_env
 
@@ -144,7 +157,8 @@ def run_case(kind: str, n: int, threads: int) -> dict:
     row = {"kind": kind, "n": n}
     for what, extra_env in (("memory", MEMORY_ENV), ("latency", {})):
         env = {**os.environ, **extra_env, **thread_env(threads)}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{what}:{kind}:{n}", "--threads", str(threads)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{what}:{kind}:{n}",
+               "--threads", str(threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
@@ -182,7 +196,8 @@ def check_targets(rows: list[dict], slopes: dict[str, dict | None]) -> list[dict
         slope = slopes.get(kind)
         checks = [  # (target, measured, comparison, needed)
             (f"{kind} faster than softmax at N=4096", ratio("softmax", kind, 4096, "median_ms"), ">=", 10.0),
-            (f"{kind} less peak memory than softmax at N=4096", ratio("softmax", kind, 4096, "peak_extra_mb"), ">=", 10.0),
+            (f"{kind} less peak memory than softmax at N=4096", ratio("softmax", kind, 4096, "peak_extra_mb"),
+             ">=", 10.0),
             (f"{kind} faster than softmax_explicit at N=4096", ratio("softmax_explicit", kind, 4096, "median_ms"),
              ">=", 10.0),
             (f"{kind} less peak memory than softmax_explicit at N=4096",
@@ -234,7 +249,8 @@ def render_markdown(report: dict) -> str:
         "",
         "## Peak memory: extra RSS MB during one forward, beyond the built model and input",
         "",
-        markdown_table(["N", *kinds], [[n, *(_cell(by, k, n, "peak_extra_mb", ".1f") for k in kinds)] for n in seq_lens]),
+        markdown_table(["N", *kinds],
+                       [[n, *(_cell(by, k, n, "peak_extra_mb", ".1f") for k in kinds)] for n in seq_lens]),
         "",
         f"## Log-log slope of latency, N = {SLOPE_RANGE[0]}..{SLOPE_RANGE[1]} (1 = linear, 2 = quadratic)",
         "",
@@ -270,7 +286,8 @@ def render_plot(report: dict) -> bytes:
         slope = report["slopes"].get(kind)
         label = kind if slope is None else f"{kind} (slope {slope['slope']:.2f})"
         full = kind in ("softmax", "softmax_explicit", "sdpa")  # the quadratic baselines: dashed, square markers
-        style = dict(marker="s" if full else "o", linestyle="--" if full else "-", markerfacecolor="none" if full else None)
+        style = dict(marker="s" if full else "o", linestyle="--" if full else "-",
+                     markerfacecolor="none" if full else None)
         ax_t.plot(n, [r["median_ms"] for r in rows], label=label, **style)
         # A peak below one page rounds to 0, which a log axis cannot show.
         ax_m.plot(n, [r["peak_extra_mb"] if r["peak_extra_mb"] > 0 else math.nan for r in rows], label=kind, **style)
@@ -317,17 +334,20 @@ def _kind_list(text: str) -> list[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in ATTENTION]
     if not kinds or unknown:
-        raise argparse.ArgumentTypeError(f"unknown attention kind(s) {unknown or text!r}: use {','.join(sorted(ATTENTION))}")
+        raise argparse.ArgumentTypeError(
+            f"unknown attention kind(s) {unknown or text!r}: use {','.join(sorted(ATTENTION))}")
     return kinds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", type=_int_list, default=list(SEQ_LENS), metavar="N,N,...",
                    help=f"sequence lengths (default {','.join(map(str, SEQ_LENS))})")
     p.add_argument("--kinds", type=_kind_list, default=list(KINDS), metavar="KIND,...",
                    help=f"attention kinds, from {','.join(sorted(ATTENTION))} (default {','.join(KINDS)})")
-    p.add_argument("--out", type=Path, default=OUT, help="results folder (default benchmarks/results/attention_scaling)")
+    p.add_argument("--out", type=Path, default=OUT,
+                   help="results folder (default benchmarks/results/attention_scaling)")
     p.add_argument("--threads", type=_positive_int, default=1, help="PyTorch threads per forward (default 1)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # memory|latency:KIND:N: measure one case, print JSON
     return p.parse_args(argv)

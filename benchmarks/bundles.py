@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from difftx_edge.convert import FORMATS
 from difftx_edge.convert.api import _dtype_name
 from difftx_edge.convert.bundle import MANIFEST, build_bundle
+from difftx_edge.model import DiffTransformer, ModelConfig
 from difftx_edge.quantize import get_quantizer_spec, pt2e
 from difftx_edge.quantize.api import versions
-
-from difftx_edge.model import DiffTransformer, ModelConfig
 from difftx_edge.tasks.listops import VOCAB
 
 KINDS = ("softmax", "local", "linear", "lowrank", "hybrid")

@@ -157,7 +157,8 @@ def reset_peak_rss() -> None:
         raise RuntimeError(f"cannot reset the peak RSS through /proc/self/clear_refs ({err})") from err
     # Allow a few pages: RSS can grow between the two reads (page faults in this very code).
     if _status_kb("VmHWM") > _status_kb("VmRSS") + 256:
-        raise RuntimeError("writing 5 to /proc/self/clear_refs did not reset VmHWM: this kernel cannot measure peak RSS")
+        raise RuntimeError("writing 5 to /proc/self/clear_refs did not reset VmHWM: "
+                           "this kernel cannot measure peak RSS")
 
 
 def peak_extra_rss_mb(fn: Callable[[], object]) -> tuple[float, float]:

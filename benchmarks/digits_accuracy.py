@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import difftx_edge  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads OpenMP, as the CLI does)
 
+# isort: split
+
 import argparse
 import json
 import os
@@ -124,7 +126,8 @@ def write_results(out: Path, info: dict, attention: str, rows: list[dict], plann
               f"range {100 * low:.2f}-{100 * s['max']:.2f} % (360 test images: one image is 0.28 pt). "
               f"Target: mean >= {100 * TARGET_MEAN:.1f} %, every run >= {100 * TARGET_MIN:.1f} %: "
               f"{'met' if s['target']['met'] else 'missed' if not done else 'not yet known'}.\n\n"
-              f"{info['cpu']} ({info['cores']} cores), int8 flags: {', '.join(info['cpu_features']['int8']) or 'none'}; "
+              f"{info['cpu']} ({info['cores']} cores), "
+              f"int8 flags: {', '.join(info['cpu_features']['int8']) or 'none'}; "
               f"torch {info['torch']}; {jobs} run(s) at a time; load average at the end "
               f"{', '.join(str(x) for x in s['load_1m_5m_15m_end'])} (1, 5, 15 min). "
               f"The machine may have been shared: times include waiting for the CPU.")

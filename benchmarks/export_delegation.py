@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from common import (
     machine_info,
     machine_markdown,
@@ -39,11 +40,11 @@ from common import (
     write_json,
     write_text,
 )
+
 from difftx_edge.convert import FORMATS
+from difftx_edge.model import DiffTransformer, ModelConfig
 from difftx_edge.quantize import get_quantizer_spec, pt2e
 from difftx_edge.runtimes.executorch import ExecuTorchRunner
-
-from difftx_edge.model import DiffTransformer, ModelConfig
 from difftx_edge.tasks.listops import VOCAB
 
 KINDS = ("softmax", "local", "linear", "lowrank", "hybrid")

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from common import machine_info, machine_markdown, markdown_table, pin_threads, write_json, write_text
-from difftx_edge.quantize import QUANTIZERS, QuantConfig, quantize
 
+from difftx_edge.quantize import QUANTIZERS, QuantConfig, quantize
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from bundles import KINDS, make_bundle, planned_activation_bytes
 from common import machine_info, machine_markdown, markdown_table, write_json, write_text
+
 from difftx_edge.runtimes.bench import BenchConfig, bench
 
 RESULTS = Path(__file__).parent / "results" / "runtime_matrix"

@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from bundles import make_bundle
 from common import machine_info, machine_markdown, markdown_table, write_json, write_text
+
 from difftx_edge.runtimes.bench import BenchConfig, bench
 
 RESULTS = Path(__file__).parent / "results" / "scaling_runtimes"

@@ -15,9 +15,9 @@ from typing import ContextManager
 
 import numpy as np
 import torch
+
 from difftx_edge.convert.bundle import build_bundle
 from difftx_edge.convert.registry import FORMATS, PRECISIONS, get_format
-
 from difftx_edge.io import require_input_file, require_output_dir
 
 log = logging.getLogger("difftx_edge.convert")
@@ -132,9 +132,8 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
             cannot serve, a missing extra or int8 program.
         ExportFailed: (a ValueError) after every format was tried, when any failed.
     """
-    from difftx_edge.quantize.api import sha256_file, versions
-
     from difftx_edge.io import load_run
+    from difftx_edge.quantize.api import sha256_file, versions
     from difftx_edge.tasks import TaskConfig, load_task
     from difftx_edge.train import set_threads
 

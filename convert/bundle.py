@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from difftx_edge.convert.registry import FormatSpec
+from difftx_edge.io import make_dirs, make_stage_dir, remove_empty_dirs, remove_stale_stages
 from difftx_edge.runtimes.measure import accuracy as task_accuracy
 from difftx_edge.runtimes.registry import sha256_tree
-
-from difftx_edge.io import make_dirs, make_stage_dir, remove_empty_dirs, remove_stale_stages
 
 # Parity tolerances: fp32 in absolute logits; int8 in output quantization steps, plus top-1 agreement.
 FP32_ATOL = 1e-4
@@ -123,6 +123,7 @@ def artifact_io(spec: FormatSpec, artifact: Path, facts: dict, inputs: list[dict
                 "outputs": [_litert_tensor(d) for d in interpreter.get_output_details()]}
     if spec.name == "onnx":
         import onnxruntime as ort
+
         from difftx_edge.runtimes.onnxruntime import NUMPY_TYPES
 
         session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])

@@ -19,8 +19,9 @@ def export(program, path: Path, precision: str, options: dict) -> dict:
     quant_config = None
     if precision == "int8":
         module = unfold_int8_weights(module)
-        from difftx_edge.quantize import get_quantizer_spec
         from litert_torch.quantize.quant_config import QuantConfig
+
+        from difftx_edge.quantize import get_quantizer_spec
 
         # Without the quantizer the file keeps float weights plus quantize/dequantize pairs.
         quant_config = QuantConfig(pt2e_quantizer=get_quantizer_spec("litert").quantizer(qat=False))

@@ -75,7 +75,8 @@ def register_format(name: str, *, filename: str, precisions: tuple[str, ...], qu
 def get_format(name: str) -> FormatSpec:
     """Raises ValueError naming the known formats when ``name`` is not one."""
     if name not in FORMATS:
-        raise ValueError(f"unknown format {name!r}: use one of {', '.join(sorted(FORMATS))} (difftx-edge formats lists them)")
+        raise ValueError(f"unknown format {name!r}: use one of {', '.join(sorted(FORMATS))} "
+                         "(difftx-edge formats lists them)")
     return FORMATS[name]
 
 

@@ -118,7 +118,8 @@ class ModelConfig:
         if len(kinds) == 1:
             return kinds * self.n_layers
         if len(kinds) != self.n_layers:
-            raise ValueError(f"attention lists {len(kinds)} kinds for {self.n_layers} layers: give one kind or one per layer")
+            raise ValueError(f"attention lists {len(kinds)} kinds for {self.n_layers} layers: "
+                             "give one kind or one per layer")
         return kinds
 
     @property
@@ -182,7 +183,8 @@ def pad_last(t: torch.Tensor, value: float) -> torch.Tensor:
 
 
 def first(t: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
-    """The first n entries along dim; whole tensors pass through, since a whole slice exports as an undelegated alias."""
+    """The first n entries along dim; whole tensors pass through, since a whole slice exports as an
+    undelegated alias."""
     return t if t.shape[dim] == n else t.narrow(dim, 0, n)
 
 
@@ -603,7 +605,8 @@ class MultiHeadAttention(nn.Module):
         B, N, C = x.shape
         H, D = self.n_heads, C // self.n_heads
         qkv = self.qkv(x)  # (B, N, 3C); slices, not split, lower to XNNPACK
-        q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, N, H, D).permute(0, 2, 1, 3) for i in range(3))  # (B, H, N, D)
+        # (B, H, N, D) each
+        q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, N, H, D).permute(0, 2, 1, 3) for i in range(3))
         y = self.core(q, k, v).permute(0, 2, 1, 3).reshape(B, N, C)
         return self.out(y)
 

@@ -28,9 +28,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from difftx_edge.io import (CONFIG_SCHEMA, atomic_write_bytes, atomic_write_json, load_run, missing_dirs,
-                            partial_writes, remove_empty_dirs, require_output_dir, save_weights,
-                            state_dict_cpu)
+from difftx_edge.io import (
+    CONFIG_SCHEMA,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_run,
+    missing_dirs,
+    partial_writes,
+    remove_empty_dirs,
+    require_output_dir,
+    save_weights,
+    state_dict_cpu,
+)
 from difftx_edge.model import DiffTransformer, ModelConfig
 from difftx_edge.tasks import TaskConfig, TaskData, load_task
 
@@ -58,7 +67,8 @@ class TrainConfig:
     augment: bool = True
     ema: float = 0.0  # decay of an exponential moving average of the weights, which is scored and saved; 0: off
     seed: int = 0
-    threads: int | None = None  # None: 1 for a model under ONE_THREAD_PARAMS, else the cores divided among the processes
+    # None: 1 for a model under ONE_THREAD_PARAMS, else the cores divided among the processes
+    threads: int | None = None
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
     def __post_init__(self) -> None:
@@ -314,7 +324,8 @@ def _train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | N
 
     net = model
     if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if dist.main:
         log.info("training %s on %s: %d parameters, %d threads, %d process(es), epochs %d-%d",
                  model_cfg.attention, task.name, model.num_parameters(), threads, dist.world,

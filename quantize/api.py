@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from difftx_edge.quantize import pt2e
-from difftx_edge.quantize.registry import get_quantizer_spec
 
 from difftx_edge.io import require_output_dir
+from difftx_edge.quantize import pt2e
+from difftx_edge.quantize.registry import get_quantizer_spec
 
 log = logging.getLogger("difftx_edge.quantize")
 

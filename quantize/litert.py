@@ -14,8 +14,9 @@ from difftx_edge.quantize.registry import (
 @register_quantizer("litert", extra="litert", requires=("litert_torch", "ai_edge_litert", "torchao"),
                     runtime="LiteRT / TFLite (XNNPACK delegate)", int32_bias=True)
 def build(qat: bool):
-    from difftx_edge.quantize.pt2e import consistent_fake_quant
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+
+    from difftx_edge.quantize.pt2e import consistent_fake_quant
 
     class LiteRTQuantizer(PT2EQuantizer):
         # The QAT-only conv+bn annotators crash under torch 2.13, and a Transformer has no conv+bn.

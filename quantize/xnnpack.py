@@ -14,11 +14,12 @@ from difftx_edge.quantize.registry import (
 @register_quantizer("xnnpack", extra="executorch", requires=("executorch", "torchao"),
                     runtime="ExecuTorch (XNNPACK delegate)", int32_bias=True)
 def build(qat: bool):
-    from difftx_edge.quantize.pt2e import consistent_fake_quant
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
+
+    from difftx_edge.quantize.pt2e import consistent_fake_quant
 
     class TransformerXNNPACKQuantizer(XNNPACKQuantizer):
         """XNNPACKQuantizer whose module-type exclusions hold for every op.

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from difftx_edge.runtimes.registry import MANIFEST, RUNTIMES, Bundle, runner_dtype, runtime_for
-from difftx_edge.runtimes.targets import Job, make_target, target_class
 
 from difftx_edge.io import atomic_write_bytes, atomic_write_json, require_output_dir
+from difftx_edge.runtimes.registry import MANIFEST, RUNTIMES, Bundle, runner_dtype, runtime_for
+from difftx_edge.runtimes.targets import Job, make_target, target_class
 
 RUNNERS = ("auto", "native", "python")
 DEFAULT_RUNS = 50
@@ -36,9 +36,9 @@ DEFAULT_RUNS = 50
 OK, FAILED, NOT_RUN_MACOS = "ok", "failed", "not run (macOS only)"
 EMULATED_NOTE = "emulated board: the outputs are real, the timings are an emulator's, not the board's"
 CSV_FIELDS = ["source", "bundle", "attention", "format", "precision", "runtime", "runner", "target", "emulated",
-              "device", "threads", "batch", "seq_len", "input_shape", "status", "error", "load_ms", "first_inference_ms", "min_ms", "p50_ms",
-              "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs", "throughput_per_s", "peak_rss_mb", "import_baseline_mb",
-              "gpu_peak_mb", "artifact_bytes", "accuracy"]
+              "device", "threads", "batch", "seq_len", "input_shape", "status", "error", "load_ms",
+              "first_inference_ms", "min_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "runs",
+              "throughput_per_s", "peak_rss_mb", "import_baseline_mb", "gpu_peak_mb", "artifact_bytes", "accuracy"]
 
 
 @dataclass

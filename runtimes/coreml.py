@@ -6,6 +6,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
+
 from difftx_edge.runtimes.registry import register_runtime
 
 

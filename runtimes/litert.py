@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+
 from difftx_edge.runtimes.registry import register_runtime
 
 

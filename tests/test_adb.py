@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from difftx_edge.runtimes.measure import summarize
 from difftx_edge.runtimes.targets import make_target
 from difftx_edge.runtimes.targets.adb import (

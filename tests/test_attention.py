@@ -214,7 +214,8 @@ def test_gradcheck_float64(kind, causal):
         for name in ("proj_k", "proj_v"):
             weight = getattr(attn, name).detach().clone().requires_grad_()
             assert torch.autograd.gradcheck(
-                lambda w, name=name: torch.func.functional_call(attn, {name: w}, inputs), (weight,), eps=1e-6, atol=1e-5)
+                lambda w, name=name: torch.func.functional_call(attn, {name: w}, inputs), (weight,),
+                eps=1e-6, atol=1e-5)
 
 
 def test_every_kind_keeps_shape_and_is_finite_at_length_not_a_multiple_of_blocks():

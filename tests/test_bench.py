@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from difftx_edge.convert import ExportConfig, export_run
 from difftx_edge.quantize import QuantConfig, quantize
 from difftx_edge.runtimes.bench import CSV_FIELDS, BenchConfig, bench
 from difftx_edge.runtimes.registry import sha256_tree
 from difftx_edge.runtimes.targets import make_target
-
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
 
@@ -60,11 +60,12 @@ def int8_io_bundle(run: Path, bundle: Path, out: Path) -> None:
     """``bundle`` with its int8 program converted as litert-torch does by default, without strict QDQ: the
     input and output tensors are then int8 with a scale and zero point, which a runner has to handle."""
     import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig as LiteRTQuantConfig
+
     from difftx_edge.convert import FORMATS
     from difftx_edge.convert.bundle import MANIFEST, artifact_io
     from difftx_edge.convert.litert import unfold_int8_weights
     from difftx_edge.quantize import get_quantizer_spec, load_quantized
-    from litert_torch.quantize.quant_config import QuantConfig as LiteRTQuantConfig
 
     program, _ = load_quantized(run / "int8" / "litert")
     shutil.copytree(bundle, out)

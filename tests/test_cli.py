@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from difftx_edge.cli import main
-from difftx_edge.train import TrainConfig, train
 from difftx_edge.tasks import TaskConfig
+from difftx_edge.train import TrainConfig, train
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:

@@ -16,7 +16,9 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from conftest import unavailable
+
 from difftx_edge.runtimes import native
 from difftx_edge.runtimes.native import BINARY, NativeRunner
 

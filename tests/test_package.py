@@ -15,7 +15,8 @@ HEAVY = ("executorch", "coremltools", "litert_torch", "onnx", "onnxruntime", "ai
 
 def test_import_difftx_edge_pulls_in_no_backend():
     code = ("import sys, json, difftx_edge, difftx_edge.cli, difftx_edge.quantize, difftx_edge.convert, "
-            "difftx_edge.runtimes; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))" % (HEAVY,))
+            "difftx_edge.runtimes; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))"
+            % (HEAVY,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == []
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from difftx_edge.convert import FORMATS
-from difftx_edge.runtimes.measure import describe
 
 from difftx_edge.cli import main
+from difftx_edge.convert import FORMATS
 from difftx_edge.pipeline import STAGES, PipelineConfig, pipeline, read_record
+from difftx_edge.runtimes.measure import describe
 
 TINY = {"task": "npz", "d_model": 16, "epochs": 10, "qat_epochs": 1, "runs": 3, "threads": 2}
 BUNDLES = [f"{fmt}-{precision}" for fmt in sorted(FORMATS) for precision in ("fp32", "int8")]

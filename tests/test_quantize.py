@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from difftx_edge.quantize import QUANTIZERS, QuantConfig, load_quantized, pt2e, quantize
-from difftx_edge.quantize.registry import QuantizerSpec, get_quantizer_spec, in_float_module
 
 from difftx_edge.model import ATTENTION, DiffTransformer, ModelConfig
+from difftx_edge.quantize import QUANTIZERS, QuantConfig, load_quantized, pt2e, quantize
+from difftx_edge.quantize.registry import QuantizerSpec, get_quantizer_spec, in_float_module
 
 BACKENDS = sorted(QUANTIZERS)
 KINDS = sorted(k for k in ATTENTION if k in ("softmax", "local", "linear", "lowrank", "hybrid"))

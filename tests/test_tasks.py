@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from difftx_edge.tasks import TASKS, TaskConfig, TaskData, load_task, register_task
-from difftx_edge.tasks import base, listops
+from difftx_edge.tasks import TASKS, TaskConfig, TaskData, base, listops, load_task, register_task
 
 # ---------------------------------------------------------------- registry, config
 

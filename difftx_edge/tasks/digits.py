@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from difftx_edge.tasks.base import Split, TaskConfig, TaskData, reject_unused, register_task
+from difftx_edge.tasks.base import Split, TaskConfig, TaskData, register_task, reject_unused
 
 SEQ_LEN = 16  # 4x4 patches per 8x8 image
 PATCH_DIM = 4  # pixels per 2x2 patch

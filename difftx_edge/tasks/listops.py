@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from difftx_edge.tasks.base import Split, TaskConfig, TaskData, reject_unused, register_task
+from difftx_edge.tasks.base import Split, TaskConfig, TaskData, register_task, reject_unused
 
 PAD = 0
 # Token ids: PAD, digits 0-9 as ids 1-10, then operators and the closing bracket.

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difftx_edge.tasks.base import Split, TaskConfig, TaskData, reject_unused, register_task
+from difftx_edge.tasks.base import Split, TaskConfig, TaskData, register_task, reject_unused
 
 MIN_SAMPLES = 10  # so each of the 80/10/10 % splits gets at least one sample
 # Ids become table rows (embedding, classifier) and one name each: a stray 1e9 would build a billion of them.

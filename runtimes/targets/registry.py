@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from difftx_edge.runtimes.measure import accuracy, summarize
 from difftx_edge.runtimes.registry import example_tensor
 

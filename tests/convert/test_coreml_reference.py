@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from difftx_edge.convert.coreml_reference import describe, reference_predict
 from torch import nn
 
+from difftx_edge.convert.coreml_reference import describe, reference_predict
 from difftx_edge.model import DiffTransformer, ModelConfig
 
 KINDS = ("softmax", "local", "linear", "lowrank", "hybrid")

@@ -14,10 +14,10 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+
 from difftx_edge.convert import FORMATS, ExportConfig, convert_pt2, export_run
 from difftx_edge.convert.bundle import MANIFEST, validate_manifest
 from difftx_edge.quantize import QuantConfig, quantize
-
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
 
@@ -330,6 +330,7 @@ def test_a_failing_format_leaves_the_others_built_and_is_one_line(int8_run, tmp_
 
 def test_every_parity_failure_says_what_to_try_next():
     import numpy as np
+
     from difftx_edge.convert.bundle import compare
 
     torch_out = [np.array([[0.0, 1.0, 2.0]], np.float32)]

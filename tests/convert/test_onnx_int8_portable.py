@@ -26,16 +26,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
+
+from conftest import unavailable
+
 from difftx_edge.convert import ExportConfig, export_run
 from difftx_edge.model import ATTENTION
 from difftx_edge.quantize import QuantConfig, load_quantized, quantize
 from difftx_edge.quantize.pt2e import output_step
-from onnx import numpy_helper
-
 from difftx_edge.tasks import TaskConfig, load_task
 from difftx_edge.train import TrainConfig, train
-
-from conftest import unavailable
 
 pytestmark = pytest.mark.slow
 KINDS = sorted(ATTENTION)
