@@ -149,10 +149,21 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
     if limit is not None and N > limit:
         raise ValueError(f"sequence length {N} is longer than this model can serve ({limit}: its learned position "
                          "table or low-rank projection): choose --seq-len <= " + str(limit))
-    # A missing program or one of another length is a mistake in the command, found before anything is built.
-    # A program that is corrupt or that the safe loader refuses fails its own format only (each backend's
-    # quantizer writes its own program, so no two formats share one).
-    int8_dirs = {name: _int8_dir(cfg, spec, N) for name, spec in specs.items()} if cfg.precision == "int8" else {}
+    # Each int8 program is read before anything is built. A missing one, one of another length, or one that could
+    # run code (Refused) is bad input: one line, exit 2, nothing written. One that is corrupt or incomplete (an
+    # interrupted quantize) fails its own format only, since each backend's quantizer writes its own program.
+    int8_programs: dict = {}
+    if cfg.precision == "int8":
+        from difftx_edge.untrusted import Refused
+
+        for name, spec in specs.items():
+            quant_dir = _int8_dir(cfg, spec, N)
+            try:
+                int8_programs[name] = (quant_dir, *_int8_program(quant_dir, cfg.batch))
+            except Refused:
+                raise
+            except ValueError as err:
+                int8_programs[name] = err
     test_x, test_y = _fit_length(task.test.inputs, N), task.test.targets
     same_length = N == task.seq_len
     # Only the run's folder name: manifests ship inside apps, and a build machine's paths are no app's business.
@@ -170,8 +181,10 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
     def build(name: str) -> dict:
         spec = specs[name.rsplit("-", 1)[0]]
         if cfg.precision == "int8":
-            quant_dir = int8_dirs[spec.name]
-            program, step, reference_module = _int8_program(quant_dir, cfg.batch)
+            loaded = int8_programs[spec.name]
+            if isinstance(loaded, ValueError):
+                raise loaded
+            quant_dir, program, step, reference_module = loaded
         else:
             # Exported afresh for each format: an exporter may rewrite the program's lifted constants in place.
             reference_module = model
