@@ -94,7 +94,7 @@ class PipelineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from difftx_edge.runtimes.targets import TARGETS
+        from difftx_edge.runtimes.targets import target_class
 
         require_output_dir(self.out)
         if self.data is not None and not Path(self.data).exists():
@@ -106,9 +106,7 @@ class PipelineConfig:
         self.train_config(Path(self.out))
         QuantConfig(run=self.out, epochs=self.qat_epochs, seed=self.seed, threads=self.threads)
         BenchConfig(bundles=[self.out], target=self.target, threads=self.bench_threads, runs=self.runs)
-        if _scheme(self.target) not in TARGETS:
-            raise ValueError(f"unknown target {self.target!r}: use local, cuda, ssh://user@host[:port] or "
-                             "adb://SERIAL")
+        target_class(self.target)  # raises ValueError for an unknown target
         unknown = [p for p in self.precision_list() if p not in PRECISIONS]
         if unknown:
             raise ValueError(f"unknown precision {unknown[0]!r}: use a comma-separated list of "
@@ -183,20 +181,16 @@ class Plan:
 def _why_not_timed(fmt: str, target: str) -> str | None:
     """Why the benchmark leaves out bundles of ``fmt`` on ``target``, or None."""
     from difftx_edge.runtimes import runtime_for
-    from difftx_edge.runtimes.targets import TARGETS
+    from difftx_edge.runtimes.targets import target_class
 
     if fmt == "coreml" and not (target == "local" and platform.system() == "Darwin"):
         return ("the Core ML runtime runs on macOS only (the pipeline times it on a local Mac); its bundles are "
                 "checked here by reference evaluation of the saved program")
-    runtimes = TARGETS[_scheme(target)].runtimes
+    runtimes = target_class(target).runtimes
     runtime = runtime_for(fmt).name
     if runtimes is not None and runtime not in runtimes:
         return f"target {target} runs {', '.join(runtimes)} only, not {runtime}"
     return None
-
-
-def _scheme(target: str) -> str:
-    return target.split("://", 1)[0] if "://" in target else target
 
 
 def parse_stages(text: str) -> tuple[str, ...]:
