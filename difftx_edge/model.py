@@ -15,7 +15,7 @@ works in bidirectional and causal mode:
   long range, in one layer.
 
 The ops are written in the forms that lower to one XNNPACK subgraph in
-ExecuTorch and one partition in LiteRT (see BACKENDS.md in the shared notes):
+ExecuTorch and one partition in LiteRT (see docs/design.md, "Delegation"):
 3-D ``bmm`` instead of 4-D ``@``, slices instead of ``split``/``unbind``,
 ``F.pad`` instead of ``zeros_like``, constants built with numpy so that export
 lifts them as constants instead of tracing ``arange``/``tril`` ops, and
