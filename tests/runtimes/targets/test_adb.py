@@ -1,6 +1,6 @@
 """The adb target: its parsers on public outputs of the real binaries, and the checks it makes before adb runs.
 
-Each file in tests/data/adb/ is an output copied from a public issue thread or
+Each file in tests/runtimes/targets/data/adb/ is an output copied from a public issue thread or
 document, whose address is on its first line. No phone is needed: nothing here
 runs adb, and nothing stands in for it.
 """

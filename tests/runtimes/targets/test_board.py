@@ -31,7 +31,7 @@ from difftx_edge.runtimes.targets import Job, make_target
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
 
-BOARD = Path(__file__).resolve().parents[1] / "benchmarks" / "arm64_board" / "board.sh"
+BOARD = Path(__file__).resolve().parents[3] / "benchmarks" / "arm64_board" / "board.sh"
 FORMATS = ("onnx", "litert", "executorch")
 SAMPLES = 6
 
