@@ -1,7 +1,8 @@
 """A real, non-editable install, used from the clone's root.
 
-``pip install .`` puts ``convert/``, ``quantize/`` and ``runtimes/`` inside the
-installed ``difftx_edge``; the clone's own ``difftx_edge/`` folder lacks them.
+``pip install .`` puts ``convert/``, ``quantize/``, ``runtimes/`` and ``pipeline/``
+inside the installed ``difftx_edge``; the clone's own ``difftx_edge/`` folder
+lacks them.
 Run from the clone's root, anything that puts the working directory on
 ``sys.path`` (``python -m``, ``python -c``) imports that folder instead. The
 commands must work there all the same.
@@ -49,8 +50,10 @@ def installed(tmp_path_factory):
     done = run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
                 str(clone)], root)
     assert done.returncode == 0, done.stderr[-3000:]
-    where = run([str(python), "-c", "import difftx_edge.runtimes as r; print(r.__file__)"], root)
-    assert where.returncode == 0 and where.stdout.startswith(str(venv)), (where.stdout, where.stderr[-2000:])
+    where = run([str(python), "-c", "import difftx_edge.pipeline as p, difftx_edge.runtimes as r; "
+                 "print(r.__file__); print(p.__file__)"], root)
+    assert where.returncode == 0 and len(where.stdout.split()) == 2, (where.stdout, where.stderr[-2000:])
+    assert all(path.startswith(str(venv)) for path in where.stdout.split()), where.stdout
 
     from difftx_edge.tasks import TaskConfig
     from difftx_edge.train import TrainConfig, train

@@ -15,8 +15,8 @@ HEAVY = ("executorch", "coremltools", "litert_torch", "onnx", "onnxruntime", "ai
 
 def test_import_difftx_edge_pulls_in_no_backend():
     code = ("import sys, json, difftx_edge, difftx_edge.cli, difftx_edge.quantize, difftx_edge.convert, "
-            "difftx_edge.runtimes; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))"
-            % (HEAVY,))
+            "difftx_edge.runtimes, difftx_edge.pipeline; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))" % (HEAVY,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == []
 
@@ -44,12 +44,14 @@ def test_backends_are_installed_for_the_suite():
 
 def test_subpackages_map_into_difftx_edge_only():
     import difftx_edge.convert
+    import difftx_edge.pipeline
     import difftx_edge.quantize
     import difftx_edge.runtimes
 
     assert Path(difftx_edge.convert.__file__).parent.name == "convert"
     assert Path(difftx_edge.quantize.__file__).parent.name == "quantize"
     assert Path(difftx_edge.runtimes.__file__).parent.name == "runtimes"
+    assert Path(difftx_edge.pipeline.__file__).parent.name == "pipeline"
 
 
 def test_regular_install_wheel_holds_subpackages_under_difftx_edge(tmp_path):
@@ -57,7 +59,7 @@ def test_regular_install_wheel_holds_subpackages_under_difftx_edge(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("difftx_edge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for sub in ("quantize", "convert", "runtimes", "runtimes/native", "runtimes/targets", "tasks"):
+    for sub in ("quantize", "convert", "runtimes", "runtimes/native", "runtimes/targets", "pipeline", "tasks"):
         assert f"difftx_edge/{sub}/__init__.py" in names
     assert "difftx_edge/runtimes/native/runner.cpp" in names  # the native runner is compiled from it on first use
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
