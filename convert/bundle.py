@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difftx_edge.convert.registry import FormatSpec
+from difftx_edge.convert.registry import FORMATS, FormatSpec
 from difftx_edge.io import make_dirs, make_stage_dir, remove_empty_dirs, remove_stale_stages
 from difftx_edge.runtimes.measure import accuracy as task_accuracy
 from difftx_edge.runtimes.registry import sha256_tree
@@ -78,8 +78,7 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
         runtime_out = [run(x) for x in parity_inputs]
         torch_out = [reference(x) for x in parity_inputs]
         parity = compare(runtime_out, torch_out, precision, output_step)
-        parity["check"] = ("reference evaluation of the saved program with coremltools' per-op numpy code "
-                           "(not the Core ML runtime)") if spec.check == "reference" else f"{spec.name} runtime"
+        parity["check"] = spec.reference_name if spec.check == "reference" else f"{spec.name} runtime"
         parity["machine"] = checked_on()
         if not parity["passed"]:
             raise ValueError(f"{name} failed parity against PyTorch: {parity['failure']}; no bundle written")
@@ -109,41 +108,14 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
 def artifact_io(spec: FormatSpec, artifact: Path, facts: dict, inputs: list[dict], outputs: list[dict]) -> dict:
     """The I/O the artifact itself declares, which is what an app must feed and read.
 
-    ``inputs`` and ``outputs`` describe the exported program; each file may
-    differ: LiteRT takes token ids as int32 and a .tflite may declare int8
-    tensors with a scale and zero point, Core ML takes int32, and ONNX and
-    Core ML name their tensors themselves. A .pte stores no names: those of
-    the program stay.
+    ``inputs`` and ``outputs`` describe the exported program. A file may
+    name its tensors itself, take another dtype or declare int8 tensors with a
+    scale and zero point; its format's ``artifact_io`` reads them. A format
+    without one (a .pte stores no names) keeps the program's.
     """
-    if spec.name == "litert":
-        from difftx_edge.runtimes.litert import interpreter_class
-
-        interpreter = interpreter_class()(model_path=str(artifact))
-        return {"inputs": [_litert_tensor(d) for d in interpreter.get_input_details()],
-                "outputs": [_litert_tensor(d) for d in interpreter.get_output_details()]}
-    if spec.name == "onnx":
-        import onnxruntime as ort
-
-        from difftx_edge.runtimes.onnxruntime import NUMPY_TYPES
-
-        session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
-        return {side: [{"name": t.name, "shape": list(ours["shape"]), "dtype": np.dtype(NUMPY_TYPES[t.type]).name}
-                       for t, ours in zip(found, program, strict=True)]
-                for side, found, program in (("inputs", session.get_inputs(), inputs),
-                                             ("outputs", session.get_outputs(), outputs))}
-    if spec.name == "coreml":
-        return {side: [{"name": t["name"], "shape": list(t["shape"]), "dtype": t["dtype"]}
-                       for t in facts["program"][side]] for side in ("inputs", "outputs")}
-    return {"inputs": inputs, "outputs": outputs}
-
-
-def _litert_tensor(detail: dict) -> dict:
-    tensor = {"name": detail["name"], "shape": [int(n) for n in detail["shape"]],
-              "dtype": np.dtype(detail["dtype"]).name}
-    scale, zero_point = detail["quantization"]
-    if scale:  # an int8 tensor: real value = (q - zero_point) * scale
-        tensor["quantization"] = {"scale": float(scale), "zero_point": int(zero_point)}
-    return tensor
+    if spec.artifact_io is None:
+        return {"inputs": inputs, "outputs": outputs}
+    return spec.artifact_io(artifact, facts, inputs, outputs)
 
 
 def compare(runtime_out: list[np.ndarray], torch_out: list[np.ndarray], precision: str,
@@ -211,12 +183,10 @@ def validate_manifest(manifest: dict) -> None:
         for i, tensor in enumerate(manifest[side]):
             check(tensor, TENSOR_SCHEMA, f"[{side!r}][{i}]")
     check(manifest["parity"], PARITY_SCHEMA, "['parity']")
-    if manifest["format"] in ("executorch",) and "delegation" not in manifest:
-        raise ValueError("manifest of an ExecuTorch bundle lacks 'delegation'")
-    if manifest["format"] in ("litert",) and "partitions" not in manifest:
-        raise ValueError("manifest of a LiteRT bundle lacks 'partitions'")
-    if manifest["format"] in ("coreml",) and "program" not in manifest:
-        raise ValueError("manifest of a Core ML bundle lacks 'program' (its ops, I/O and weight dtypes)")
+    spec = FORMATS.get(manifest["format"])
+    for key, holds in spec.manifest_keys if spec is not None else ():
+        if key not in manifest:
+            raise ValueError(f"the manifest of this {spec.name} bundle lacks {key!r} ({holds})")
 
 
 def checked_on() -> dict:
@@ -229,16 +199,7 @@ def checked_on() -> dict:
 
 def _runner(spec: FormatSpec, artifact: Path, threads: int, facts: dict):
     if spec.check == "reference":
-        from difftx_edge.convert.coreml_reference import reference_predict
-
-        # The exporter already described the saved program; loading it again for its input name is slow.
-        (first_input,) = (spec_["name"] for spec_ in facts["program"]["inputs"])
-
-        def run(x: np.ndarray) -> np.ndarray:
-            outputs = reference_predict(artifact, {first_input: x})
-            return np.asarray(next(iter(outputs.values())))
-
-        return run
+        return spec.reference(artifact, facts)
     from difftx_edge.runtimes import runtime_for
 
     runner = runtime_for(spec.name).load(artifact, threads)

@@ -4,13 +4,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from difftx_edge.convert.registry import register_format
 
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
 
 
+def artifact_io(artifact: Path, facts: dict, inputs: list[dict], outputs: list[dict]) -> dict:
+    """The tensor names, shapes and dtypes of the saved program, which the exporter described already."""
+    return {side: [{"name": t["name"], "shape": list(t["shape"]), "dtype": t["dtype"]}
+                   for t in facts["program"][side]] for side in ("inputs", "outputs")}
+
+
+def reference(artifact: Path, facts: dict):
+    """``run(x)``: the saved program's first output for one input batch, by reference evaluation.
+
+    Core ML cannot run on Linux; coreml_reference evaluates each op with coremltools' own numpy code.
+    """
+    from difftx_edge.convert.coreml_reference import reference_predict
+
+    # The exporter already described the saved program; loading it again for its input name is slow.
+    (first_input,) = (tensor["name"] for tensor in facts["program"]["inputs"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        outputs = reference_predict(artifact, {first_input: x})
+        return np.asarray(next(iter(outputs.values())))
+
+    return run
+
+
 @register_format("coreml", filename="model.mlpackage", precisions=("fp32", "fp16", "int8"), quantizer="coreml",
-                 extra="coreml", requires=("coremltools",), check="reference")
+                 extra="coreml", requires=("coremltools",), check="reference", reference=reference,
+                 reference_name="reference evaluation of the saved program with coremltools' per-op numpy code "
+                                "(not the Core ML runtime)",
+                 artifact_io=artifact_io, manifest_keys={"program": "its ops, I/O and weight dtypes"})
 def export(program, path: Path, precision: str, options: dict) -> dict:
     import coremltools as ct
 

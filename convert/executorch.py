@@ -7,8 +7,10 @@ from pathlib import Path
 from difftx_edge.convert.registry import register_format
 
 
+# A .pte stores no tensor names, so the bundle keeps the program's I/O (no artifact_io).
 @register_format("executorch", filename="model.pte", precisions=("fp32", "int8"), quantizer="xnnpack",
-                 extra="executorch", requires=("executorch",))
+                 extra="executorch", requires=("executorch",),
+                 manifest_keys={"delegation": "what the XNNPACK delegate took, and what it left out"})
 def export(program, path: Path, precision: str, options: dict) -> dict:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower

@@ -5,12 +5,33 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import numpy as np
+
 from difftx_edge.convert.registry import register_format
-from difftx_edge.runtimes.litert import LiteRTRunner
+from difftx_edge.runtimes.litert import LiteRTRunner, interpreter_class
+
+QUANTIZER = "litert"  # the backend (difftx_edge.quantize) whose int8 programs this format converts
 
 
-@register_format("litert", filename="model.tflite", precisions=("fp32", "int8"), quantizer="litert",
-                 extra="litert", requires=("litert_torch", "ai_edge_litert"))
+def artifact_io(artifact: Path, facts: dict, inputs: list[dict], outputs: list[dict]) -> dict:
+    """The .tflite's own I/O: token ids become int32, and an int8 tensor carries its scale and zero point."""
+    interpreter = interpreter_class()(model_path=str(artifact))
+    return {"inputs": [_tensor(d) for d in interpreter.get_input_details()],
+            "outputs": [_tensor(d) for d in interpreter.get_output_details()]}
+
+
+def _tensor(detail: dict) -> dict:
+    tensor = {"name": detail["name"], "shape": [int(n) for n in detail["shape"]],
+              "dtype": np.dtype(detail["dtype"]).name}
+    scale, zero_point = detail["quantization"]
+    if scale:  # an int8 tensor: real value = (q - zero_point) * scale
+        tensor["quantization"] = {"scale": float(scale), "zero_point": int(zero_point)}
+    return tensor
+
+
+@register_format("litert", filename="model.tflite", precisions=("fp32", "int8"), quantizer=QUANTIZER,
+                 extra="litert", requires=("litert_torch", "ai_edge_litert"), artifact_io=artifact_io,
+                 manifest_keys={"partitions": "how many pieces the XNNPACK delegate runs"})
 def export(program, path: Path, precision: str, options: dict) -> dict:
     import litert_torch
 
@@ -24,7 +45,7 @@ def export(program, path: Path, precision: str, options: dict) -> dict:
         from difftx_edge.quantize import get_quantizer_spec
 
         # Without the quantizer the file keeps float weights plus quantize/dequantize pairs.
-        quant_config = QuantConfig(pt2e_quantizer=get_quantizer_spec("litert").quantizer(qat=False))
+        quant_config = QuantConfig(pt2e_quantizer=get_quantizer_spec(QUANTIZER).quantizer(qat=False))
     with strict_qdq() if precision == "int8" else contextlib.nullcontext():
         litert_torch.convert(module, example, quant_config=quant_config).export(str(path))
     facts = rewrite_int8(path) if precision == "int8" else {}

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from difftx_edge.convert.registry import register_format
 
 OPSET = 18
 
 
+def artifact_io(artifact: Path, facts: dict, inputs: list[dict], outputs: list[dict]) -> dict:
+    """The .onnx file's own tensor names and dtypes, with the program's shapes."""
+    import onnxruntime as ort
+
+    from difftx_edge.runtimes.onnxruntime import NUMPY_TYPES
+
+    session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+    return {side: [{"name": t.name, "shape": list(ours["shape"]), "dtype": np.dtype(NUMPY_TYPES[t.type]).name}
+                   for t, ours in zip(found, program, strict=True)]
+            for side, found, program in (("inputs", session.get_inputs(), inputs),
+                                         ("outputs", session.get_outputs(), outputs))}
+
+
 @register_format("onnx", filename="model.onnx", precisions=("fp32", "int8"), quantizer="onnx", extra="onnx",
-                 requires=("onnx", "onnxruntime", "onnxscript"))
+                 requires=("onnx", "onnxruntime", "onnxscript"), artifact_io=artifact_io)
 def export(program, path: Path, precision: str, options: dict) -> dict:
     import onnx
     import torch

@@ -16,7 +16,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 @dataclass(frozen=True)
 class FormatSpec:
-    """An artifact format.
+    """An artifact format: everything the export and bundle code reads of one, filled in by its module.
 
     Attributes:
         name: the ``--format`` name.
@@ -25,9 +25,17 @@ class FormatSpec:
         quantizer: the backend quantizer whose int8 program it converts.
         extra: the pip extra that installs its toolchain and runtime.
         requires: importable modules the exporter needs.
-        check: ``"runtime"`` (parity in the real runtime) or ``"reference"``
-            (a reference evaluation, where the runtime cannot run here).
+        check: ``"runtime"`` (parity in the real runtime, the registered runtime of this format) or
+            ``"reference"`` (``reference`` evaluates it, where the runtime cannot run here).
         export: ``export(program, path, precision, options) -> dict`` of facts for the manifest.
+        manifest_keys: ``(key, what it holds)`` for each fact its exporter always returns; a manifest
+            without one is refused.
+        artifact_io: ``artifact_io(artifact, facts, inputs, outputs) -> {"inputs": [...], "outputs": [...]}``,
+            the I/O the file itself declares (names, dtypes, quantization) given the program's; None: the file
+            keeps the program's.
+        reference: with ``check="reference"``, ``reference(artifact, facts) -> run``, where ``run(x)`` is the
+            first output for one input batch, evaluated without the runtime.
+        reference_name: with ``check="reference"``, what the manifest's ``parity.check`` says checked it.
     """
 
     name: str
@@ -38,6 +46,17 @@ class FormatSpec:
     requires: tuple[str, ...]
     check: str
     export: Callable
+    manifest_keys: tuple[tuple[str, str], ...] = ()
+    artifact_io: Callable | None = None
+    reference: Callable | None = None
+    reference_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.check not in ("runtime", "reference"):
+            raise ValueError(f"format {self.name}: check must be 'runtime' or 'reference', not {self.check!r}")
+        if (self.check == "reference") != (self.reference is not None and self.reference_name is not None):
+            raise ValueError(f"format {self.name}: a reference and its name come with check='reference', "
+                             "and only with it")
 
     def missing(self) -> list[str]:
         return missing_modules(self.requires)
@@ -61,12 +80,18 @@ FORMATS: dict[str, FormatSpec] = {}
 
 
 def register_format(name: str, *, filename: str, precisions: tuple[str, ...], quantizer: str, extra: str,
-                    requires: tuple[str, ...], check: str = "runtime"):
-    """Register ``export(program, path, precision, options) -> dict`` as format ``name``; returns it unchanged."""
+                    requires: tuple[str, ...], check: str = "runtime", manifest_keys: dict[str, str] | None = None,
+                    artifact_io: Callable | None = None, reference: Callable | None = None,
+                    reference_name: str | None = None):
+    """Register ``export(program, path, precision, options) -> dict`` as format ``name``; returns it unchanged.
+
+    The keyword arguments are :class:`FormatSpec`'s fields; ``manifest_keys`` maps each key to what it holds.
+    """
 
     def wrap(export: Callable) -> Callable:
         FORMATS[name] = FormatSpec(name, filename, tuple(precisions), quantizer, extra, tuple(requires), check,
-                                   export)
+                                   export, tuple((manifest_keys or {}).items()), artifact_io, reference,
+                                   reference_name)
         return export
 
     return wrap

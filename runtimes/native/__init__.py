@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -225,35 +225,93 @@ def build(arch: str = "host", *, force: bool = False) -> Path:
     return _atomic_dir(final, fill, force=force)
 
 
-def invoke(command: list[str], progress: Callable[[int, int | None], None] | None = None) -> dict:
-    """Runs a ``difftx-et-runner`` command line (here, or behind a prefix such as ssh) and parses its JSON.
+# The client: every caller builds the runner's command line and reads its report here -------------------------------
+def command(directory: str | os.PathLike, model: str | os.PathLike, *, threads: int = 1, warmup: int = 0,
+            runs: int | None = None, seconds: float | None = None, input_file: str | os.PathLike | None = None,
+            output_file: str | os.PathLike | None = None, progress: bool = False,
+            prefix: Sequence[str] = ()) -> list[str]:
+    """The command line that runs ``model`` with the runner in ``directory``.
 
     Args:
-        command: the runner and its flags, possibly prefixed.
+        directory: the directory ``build`` made, as the machine that runs the command sees it (a path on a
+            board for the ssh target); the binary is joined with "/", so a remote POSIX path works from here.
+        model: the .pte file, as that machine sees it.
+        threads: the XNNPACK thread pool's size.
+        warmup: untimed executions before the timed ones.
+        runs: timed executions (the runner's default, 20, when neither this nor ``seconds`` is given).
+        seconds: time executions until this many seconds of them (at least 3), instead of ``runs``.
+        input_file: raw input batches (zeros when absent); ``output_file``: where each batch's outputs go,
+            as float32, before timing starts.
+        progress: print about 20 progress lines on stderr.
+        prefix: words that start the runner, such as an emulator and its flags.
+
+    Raises:
+        ValueError: both ``runs`` and ``seconds`` given.
+    """
+    if runs is not None and seconds is not None:
+        raise ValueError("give runs or seconds, not both")
+    argv = [*prefix, f"{os.fspath(directory)}/{BINARY}", "--model", os.fspath(model), "--threads", str(threads),
+            "--warmup", str(warmup)]
+    if runs is not None:
+        argv += ["--runs", str(runs)]
+    if seconds is not None:
+        argv += ["--seconds", str(seconds)]
+    if input_file is not None:
+        argv += ["--input", os.fspath(input_file)]
+    if output_file is not None:
+        argv += ["--output", os.fspath(output_file)]
+    if progress:
+        argv.append("--progress")
+    return argv
+
+
+def read_report(stdout: str | bytes) -> dict:
+    """The runner's JSON report: load_ms, first_inference_ms, times_ms, baseline_rss_kb, peak_rss_kb,
+    final_rss_kb, planned_bytes, threads, inputs and outputs (dtype and shape), batches and runner."""
+    return json.loads(stdout)
+
+
+def read_stderr(lines: Iterable[str], progress: Callable[[int, int | None], None] | None = None) -> str | None:
+    """Follows the runner's stderr to its end: hands each progress line to ``progress`` and returns the error.
+
+    Returns:
+        The runner's own error line without its ``difftx-et-runner: error:`` prefix, else the first other
+        line (a loader's message), or None when it printed neither.
+    """
+    error = None
+    for line in lines:
+        line = line.strip()
+        if line.startswith(f"{BINARY}: error: "):
+            error = line.removeprefix(f"{BINARY}: error: ")
+        elif line.startswith('{"progress"'):
+            if progress is not None:
+                update = json.loads(line)
+                progress(update["progress"], update["of"])
+        elif line:
+            error = error or line
+    return error
+
+
+def invoke(command: list[str], progress: Callable[[int, int | None], None] | None = None) -> dict:
+    """Runs a runner command line from ``command`` on this machine and returns its report.
+
+    Args:
+        command: from :func:`command`.
         progress: called with (runs done, runs in all, or None under --seconds) for each progress line.
 
     Raises:
         ValueError: the runner exited non-zero; the message is its error line.
     """
-    error = None
     # stdout goes to a file: a pipe left unread while stderr is followed would fill and stall a long run.
     with tempfile.TemporaryFile() as stdout:
         process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True, errors="replace")
-        for line in process.stderr:
-            line = line.strip()
-            if line.startswith(f"{BINARY}: error: "):
-                error = line.removeprefix(f"{BINARY}: error: ")
-            elif line.startswith('{"progress"') and progress is not None:
-                update = json.loads(line)
-                progress(update["progress"], update["of"])
-            elif line:
-                error = error or line
+        error = read_stderr(process.stderr, progress)
         returncode = process.wait()
         stdout.seek(0)
         text = stdout.read().decode()
     if returncode != 0:
         raise ValueError(f"{BINARY}: {error or f'exited with status {returncode}'}")
-    return json.loads(text)
+    return read_report(text)
 
 
 class NativeRunner:
@@ -261,7 +319,8 @@ class NativeRunner:
 
     def __init__(self, path: str | Path, threads: int = 1):
         self.path, self.threads = Path(path), threads
-        self.binary = build("host") / BINARY
+        self.directory = build("host")
+        self.binary = self.directory / BINARY
         # One load up front: a bad program fails here, and run() learns the dtypes and shapes it must be given.
         self.meta = self.measure(warmup=0, runs=0)
 
@@ -322,18 +381,6 @@ class NativeRunner:
         Raises:
             ValueError: both ``runs`` and ``seconds`` given, or the runner failed (its error line).
         """
-        if runs is not None and seconds is not None:
-            raise ValueError("give runs or seconds, not both")
-        command = [str(self.binary), "--model", str(self.path), "--threads", str(self.threads),
-                   "--warmup", str(warmup)]
-        if runs is not None:
-            command += ["--runs", str(runs)]
-        if seconds is not None:
-            command += ["--seconds", str(seconds)]
-        if input_file is not None:
-            command += ["--input", str(input_file)]
-        if output_file is not None:
-            command += ["--output", str(output_file)]
-        if progress is not None:
-            command.append("--progress")
-        return invoke(command, progress)
+        return invoke(command(self.directory, self.path, threads=self.threads, warmup=warmup, runs=runs,
+                              seconds=seconds, input_file=input_file, output_file=output_file,
+                              progress=progress is not None), progress)

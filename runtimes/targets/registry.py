@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from difftx_edge.runtimes import native
 from difftx_edge.runtimes.measure import accuracy, summarize
 from difftx_edge.runtimes.registry import example_tensor
-
-NATIVE_BINARY = "difftx-et-runner"
 
 
 @dataclass
@@ -201,12 +200,11 @@ class CommandTarget(Target):
             inputs.write_bytes(b"".join(np.ascontiguousarray(b, dtype=dtype).tobytes() for b in batches))
             staged = self.stage({"model.pte": job.source / job.manifest["artifact"], "inputs.bin": inputs},
                                 outputs=("outputs.bin",))
-            argv = [f"{self.native_dir()}/{NATIVE_BINARY}", "--model", staged["model.pte"], "--input",
-                    staged["inputs.bin"], "--threads", str(job.threads), "--warmup", str(job.warmup), "--progress"]
-            argv += ["--runs", str(job.runs)] if job.runs is not None else ["--seconds", str(job.seconds)]
-            if data is not None:
-                argv += ["--output", staged["outputs.bin"]]
-            result = json.loads(self.execute(argv, {}, job.progress, "native ExecuTorch runner"))
+            argv = native.command(self.native_dir(), staged["model.pte"], threads=job.threads, warmup=job.warmup,
+                                  runs=job.runs, seconds=None if job.runs is not None else job.seconds,
+                                  input_file=staged["inputs.bin"],
+                                  output_file=staged["outputs.bin"] if data is not None else None, progress=True)
+            result = native.read_report(self.execute(argv, {}, job.progress, "native ExecuTorch runner"))
         row = {"load_ms": result["load_ms"], "first_inference_ms": result["first_inference_ms"],
                "latency_ms": summarize(result["times_ms"]), "runs": len(result["times_ms"]),
                "times_ms": result["times_ms"], "peak_rss_mb": result["peak_rss_kb"] / 1024,

@@ -25,7 +25,6 @@ from difftx_edge.runtimes.native import BINARY, NativeRunner
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"  # installed with g++-aarch64-linux-gnu (libc6-arm64-cross)
 
 
-
 class Tokens(torch.nn.Module):
     """Int64 tokens (1, 16) -> logits (1, 10): an embedding outside XNNPACK, a linear inside it."""
 
@@ -254,13 +253,38 @@ def test_aarch64_runner_matches_the_python_runtime_under_qemu(programs, aarch64_
     path, make = programs["features"]
     batches = [make(seed) for seed in range(4)]
     (tmp_path / "in.bin").write_bytes(b"".join(batch[0].tobytes() for batch in batches))
-    report = native.invoke([qemu, "-L", AARCH64_SYSROOT, str(directory / BINARY), "--model", str(path),
-                            "--input", str(tmp_path / "in.bin"), "--output", str(tmp_path / "out.bin"),
-                            "--runs", "3"])
+    report = native.invoke(native.command(directory, path, input_file=tmp_path / "in.bin",
+                                          output_file=tmp_path / "out.bin", runs=3,
+                                          prefix=[qemu, "-L", AARCH64_SYSROOT]))
     assert report["batches"] == 4 and len(report["times_ms"]) == 3
     got = np.fromfile(tmp_path / "out.bin", dtype="<f4").reshape(4, 2, 4, 3)
     # ARM's NEON kernels sum in another order than x86's: equal to rounding, not bit for bit.
     np.testing.assert_allclose(got, np.stack([want[0] for want in python_runtime(path, batches)]), atol=1e-5)
+
+
+def test_one_client_builds_every_command_line():
+    """Every caller (NativeRunner, the local and ssh targets, the aarch64 check) gets its command line here: the
+    binary under a directory that may be a board's, and the flags the runner parses."""
+    argv = native.command("/tmp/difftx-edge.x/native", "/tmp/difftx-edge.x/job1/model.pte", threads=2, warmup=3,
+                          seconds=1.5, input_file="in.bin", output_file="out.bin", progress=True,
+                          prefix=["qemu-aarch64", "-L", AARCH64_SYSROOT])
+    assert argv == ["qemu-aarch64", "-L", AARCH64_SYSROOT, f"/tmp/difftx-edge.x/native/{BINARY}", "--model",
+                    "/tmp/difftx-edge.x/job1/model.pte", "--threads", "2", "--warmup", "3", "--seconds", "1.5",
+                    "--input", "in.bin", "--output", "out.bin", "--progress"]
+    assert native.command("d", "m.pte", runs=4) == [f"d/{BINARY}", "--model", "m.pte", "--threads", "1",
+                                                   "--warmup", "0", "--runs", "4"]
+    with pytest.raises(ValueError, match="runs or seconds"):
+        native.command("d", "m.pte", runs=4, seconds=1.0)
+
+
+def test_stderr_gives_progress_and_the_error_line():
+    seen = []
+    lines = ['{"progress": 2, "of": 4}\n', "E 00:00 loader said something\n", '{"progress": 4, "of": null}\n',
+             f"{BINARY}: error: cannot read model m.pte\n"]
+    assert native.read_stderr(lines, lambda done, of: seen.append((done, of))) == "cannot read model m.pte"
+    assert seen == [(2, 4), (4, None)]
+    assert native.read_stderr(lines[:2]) == "E 00:00 loader said something"
+    assert native.read_stderr([]) is None
 
 
 def test_module_imports_only_stdlib_and_numpy():

@@ -14,13 +14,11 @@ import pytest
 
 from difftx_edge.runtimes.measure import summarize
 from difftx_edge.runtimes.targets import make_target
-from difftx_edge.runtimes.targets.adb import (
-    AdbTarget,
+from difftx_edge.runtimes.targets.adb import AdbTarget, device_command, parse_adb_url
+from difftx_edge.runtimes.targets.android_binaries import (
     benchmark_model_argv,
     benchmark_model_delegate,
-    device_command,
     executor_runner_argv,
-    parse_adb_url,
     parse_benchmark_model,
     parse_executor_runner,
     pte_delegate,
