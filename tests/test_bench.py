@@ -19,8 +19,9 @@ import torch
 
 from difftx_edge.convert import ExportConfig, export_run
 from difftx_edge.quantize import QuantConfig, quantize
-from difftx_edge.runtimes.bench import CSV_FIELDS, BenchConfig, bench
+from difftx_edge.runtimes.bench import BenchConfig, bench
 from difftx_edge.runtimes.registry import sha256_tree
+from difftx_edge.runtimes.results import CSV_FIELDS
 from difftx_edge.runtimes.targets import make_target
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
@@ -391,7 +392,7 @@ def test_coreml_rows_are_not_run_off_macos_and_are_no_failure(bundles, tmp_path,
 
 
 def test_rows_name_their_model_and_n_is_a_sequence_length_only(bundles, tmp_path):
-    from difftx_edge.runtimes.bench import table
+    from difftx_edge.runtimes.results import table
 
     # A converted model has no task and no difftx-edge model config: its input's dimension 1 is not a sequence
     # length (it may be a CNN's channels).
@@ -408,7 +409,7 @@ def test_rows_name_their_model_and_n_is_a_sequence_length_only(bundles, tmp_path
 
 
 def test_one_length_per_series_is_a_bar_chart(bundles):
-    from difftx_edge.runtimes.bench import latency_figure
+    from difftx_edge.runtimes.results import latency_figure
 
     row = {"status": "ok", "seq_len": 16, "attention": "hybrid", "precision": "fp32", "runner": "python",
            "emulated": False}
