@@ -5,7 +5,8 @@ memory is its own: ``python -m difftx_edge.runtimes.measure`` here, and the
 zipapp built by :func:`device_runner` on a board over SSH. On a board there
 is only Python 3, numpy and the runtime's own package, so this module, like
 the runtime registry, imports nothing else at the top: no torch, and no
-difftx-edge beyond ``difftx_edge.runtimes`` and ``difftx_edge.extras``.
+difftx-edge beyond ``difftx_edge.runtimes`` and the standard-library helpers
+``difftx_edge.extras``, ``hashing`` and ``threads``.
 
 It prints progress lines ``{"progress": done, "of": total}`` on stderr while it
 times, and the row as one JSON object on stdout. A failure is one line on
