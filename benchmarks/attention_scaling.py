@@ -12,7 +12,7 @@ kernel's RSS high-water mark is reset and one forward is measured: its peak
 extra RSS is the memory the forward needs on top of the model and input. That
 process fixes glibc's mmap threshold so RSS follows the live tensors, which
 slows large allocations; the second process, with the default allocator users
-get, times the forward (median, p90, min). Both run under
+get, times the forward (p50, p90, p99: the harness's timing loop). Both run under
 ``torch.inference_mode()`` on ``--threads`` threads (default 1).
 
 Writes ``results.json``, ``results.md`` and ``scaling.png`` to ``--out``, with
@@ -48,18 +48,17 @@ from common import (
     command_line,
     machine_info,
     machine_markdown,
-    markdown_table,
     peak_extra_rss_mb,
-    pin_threads,
-    summarize_ms,
-    time_calls,
     write_bytes,
     write_json,
     write_text,
 )
 
+from difftx_edge.markdown import markdown_table
 from difftx_edge.model import ATTENTION, DiffTransformer, ModelConfig, SoftmaxAttention, register_attention
+from difftx_edge.runtimes.measure import latency_columns, summarize, timed_loop
 from difftx_edge.runtimes.targets.registry import thread_env
+from difftx_edge.threads import pin_threads
 
 
 @register_attention("sdpa")
@@ -99,8 +98,9 @@ INPUT_DIM = 16
 MODEL = dict(input_dim=INPUT_DIM, n_outputs=10, d_model=128, n_heads=4, n_layers=2, head="classify",
              position="sinusoidal", window=64, rank=64, causal=False)
 OUT = Path(__file__).resolve().parent / "results" / "attention_scaling"
-# Timing: at least 5 runs and 1 s; a multi-second forward (full attention at 8192) stops after 3 runs and 10 s.
-TIMING = dict(min_runs=5, min_seconds=1.0, max_runs=1000, slow_runs=3, max_seconds=10.0)
+# Timing: one warm-up call, then 1 s of timed calls and at least 3, so a multi-second forward (full attention at
+# 8192) costs 3 calls, not minutes.
+TIMING = dict(warmup=1, runs=None, seconds=1.0)
 
 
 def model_config(kind: str, n: int) -> ModelConfig:
@@ -131,17 +131,18 @@ def measure_memory(kind: str, n: int, threads: int) -> dict:
 
 
 def measure_latency(kind: str, n: int, threads: int) -> dict:
-    """Median, p90 and min latency of the forward, with the allocator users get."""
+    """p50, p90 and p99 latency of the forward (``summarize``), with the allocator users get."""
     forward, threads = build(kind, n, threads)
     with torch.inference_mode():
         forward()  # the first call pays one-time costs; keep it out of the page-fault count too
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        times = time_calls(forward, warmup=1, **TIMING)
+        times = timed_loop(forward, **TIMING)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     # Page faults show when the allocator hands large temporaries back to the OS and every
     # forward touches fresh pages, which can cost more than the arithmetic. The machine may be
     # shared: the 1-minute load average says how busy it was while this case ran.
-    return {"threads": threads, **summarize_ms(times), "minor_faults_per_forward": round(faults / (len(times) + 1)),
+    return {"threads": threads, **latency_columns(summarize(times)), "runs": len(times),
+            "minor_faults_per_forward": round(faults / (len(times) + 1)),
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -172,9 +173,9 @@ def run_case(kind: str, n: int, threads: int) -> dict:
 
 
 def loglog_slope(rows: list[dict], kind: str) -> dict | None:
-    """Least-squares slope of log(median latency) on log(N) over SLOPE_RANGE; None with under two points."""
+    """Least-squares slope of log(p50 latency) on log(N) over SLOPE_RANGE; None with under two points."""
     lo, hi = SLOPE_RANGE
-    points = sorted((r["n"], r["median_ms"]) for r in rows
+    points = sorted((r["n"], r["p50_ms"]) for r in rows
                     if r["kind"] == kind and "error" not in r and lo <= r["n"] <= hi)
     if len(points) < 2:
         return None
@@ -195,15 +196,15 @@ def check_targets(rows: list[dict], slopes: dict[str, dict | None]) -> list[dict
     for kind in EFFICIENT:
         slope = slopes.get(kind)
         checks = [  # (target, measured, comparison, needed)
-            (f"{kind} faster than softmax at N=4096", ratio("softmax", kind, 4096, "median_ms"), ">=", 10.0),
+            (f"{kind} faster than softmax at N=4096", ratio("softmax", kind, 4096, "p50_ms"), ">=", 10.0),
             (f"{kind} less peak memory than softmax at N=4096", ratio("softmax", kind, 4096, "peak_extra_mb"),
              ">=", 10.0),
-            (f"{kind} faster than softmax_explicit at N=4096", ratio("softmax_explicit", kind, 4096, "median_ms"),
+            (f"{kind} faster than softmax_explicit at N=4096", ratio("softmax_explicit", kind, 4096, "p50_ms"),
              ">=", 10.0),
             (f"{kind} less peak memory than softmax_explicit at N=4096",
              ratio("softmax_explicit", kind, 4096, "peak_extra_mb"), ">=", 10.0),
-            (f"{kind} faster than sdpa at N=4096", ratio("sdpa", kind, 4096, "median_ms"), ">=", 2.0),
-            (f"{kind} faster than sdpa at N=8192", ratio("sdpa", kind, 8192, "median_ms"), ">=", 4.0),
+            (f"{kind} faster than sdpa at N=4096", ratio("sdpa", kind, 4096, "p50_ms"), ">=", 2.0),
+            (f"{kind} faster than sdpa at N=8192", ratio("sdpa", kind, 8192, "p50_ms"), ">=", 4.0),
             (f"{kind} latency slope N=1024..8192", slope["slope"] if slope else None, "<=", 1.15),
         ]
         for name, value, comparison, needed in checks:
@@ -243,9 +244,9 @@ def render_markdown(report: dict) -> str:
         "`softmax_explicit` is the same kind in the form it exports to mobile runtimes (the N x N matrix is built).",
         f"Command: `{report['command']}` ({report['total_seconds']:.0f} s in all).",
         "",
-        "## Latency: median ms per forward (p90, min and run counts in results.json)",
+        "## Latency: p50 ms per forward (p90, p99, min and run counts in results.json)",
         "",
-        markdown_table(["N", *kinds], [[n, *(_cell(by, k, n, "median_ms", ".2f") for k in kinds)] for n in seq_lens]),
+        markdown_table(["N", *kinds], [[n, *(_cell(by, k, n, "p50_ms", ".2f") for k in kinds)] for n in seq_lens]),
         "",
         "## Peak memory: extra RSS MB during one forward, beyond the built model and input",
         "",
@@ -288,10 +289,10 @@ def render_plot(report: dict) -> bytes:
         full = kind in ("softmax", "softmax_explicit", "sdpa")  # the quadratic baselines: dashed, square markers
         style = dict(marker="s" if full else "o", linestyle="--" if full else "-",
                      markerfacecolor="none" if full else None)
-        ax_t.plot(n, [r["median_ms"] for r in rows], label=label, **style)
+        ax_t.plot(n, [r["p50_ms"] for r in rows], label=label, **style)
         # A peak below one page rounds to 0, which a log axis cannot show.
         ax_m.plot(n, [r["peak_extra_mb"] if r["peak_extra_mb"] > 0 else math.nan for r in rows], label=kind, **style)
-    for ax, title, ylabel in ((ax_t, "Forward latency (median)", "ms"),
+    for ax, title, ylabel in ((ax_t, "Forward latency (p50)", "ms"),
                               (ax_m, "Peak extra memory during the forward (RSS)", "MB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -302,8 +303,8 @@ def render_plot(report: dict) -> bytes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     m = report["machine"]
-    fig.suptitle(f"d_model 128, 4 heads, 2 layers, batch 1, {m['threads']} thread(s), {m['cpu']}, torch {m['torch']}",
-                 fontsize=9)
+    fig.suptitle(f"d_model 128, 4 heads, 2 layers, batch 1, {m['threads']} thread(s), {m['cpu']}, "
+                 f"torch {m['versions']['torch']}", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in row:
                 print(f"N={n:5d} {kind:8s} ERROR {row['error']}", file=sys.stderr, flush=True)
             else:
-                print(f"N={n:5d} {kind:8s} median {row['median_ms']:9.2f} ms  p90 {row['p90_ms']:9.2f} ms  "
+                print(f"N={n:5d} {kind:8s} p50 {row['p50_ms']:9.2f} ms  p90 {row['p90_ms']:9.2f} ms  "
                       f"runs {row['runs']:4d}  peak +{row['peak_extra_mb']:8.1f} MB", flush=True)
 
     slopes = {kind: loglog_slope(rows, kind) for kind in args.kinds}

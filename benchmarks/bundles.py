@@ -19,9 +19,9 @@ import torch
 from difftx_edge.convert import FORMATS
 from difftx_edge.convert.api import _dtype_name
 from difftx_edge.convert.bundle import MANIFEST, build_bundle
+from difftx_edge.extras import versions
 from difftx_edge.model import DiffTransformer, ModelConfig
 from difftx_edge.quantize import get_quantizer_spec, pt2e
-from difftx_edge.quantize.api import versions
 from difftx_edge.tasks.listops import VOCAB
 
 KINDS = ("softmax", "local", "linear", "lowrank", "hybrid")
@@ -90,7 +90,7 @@ def make_bundle(kind: str, fmt: str, precision: str, N: int, d_model: int, work:
     meta = {"inputs": [{"name": "x", "shape": [1, N], "dtype": _dtype_name(torch.int64, fmt)}],
             "outputs": [{"name": "logits", "shape": [1, 10], "dtype": "float32"}], "task": None,
             "model": model.cfg.to_dict(), "source": {"benchmark": "untrained, seed " + str(seed)},
-            "versions": versions(None), "quantized_from": None}
+            "versions": versions(), "quantized_from": None}
     build_bundle(FORMATS[fmt], program, precision, out=out, reference=reference, output_step=step, meta=meta,
                  parity_inputs=[tokens(1, N, seed + 100 + i).numpy() for i in range(PARITY_BATCHES)],
                  options={"example": (x,)}, threads=threads)

@@ -31,8 +31,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
-from common import machine_info, markdown_table, write_json, write_text
+from common import machine_info, write_json, write_text
 
+from difftx_edge.markdown import markdown_table
 from difftx_edge.model import ATTENTION, ModelConfig
 from difftx_edge.train import TrainConfig
 
@@ -128,7 +129,7 @@ def write_results(out: Path, info: dict, attention: str, rows: list[dict], plann
               f"{'met' if s['target']['met'] else 'missed' if not done else 'not yet known'}.\n\n"
               f"{info['cpu']} ({info['cores']} cores), "
               f"int8 flags: {', '.join(info['cpu_features']['int8']) or 'none'}; "
-              f"torch {info['torch']}; {jobs} run(s) at a time; load average at the end "
+              f"torch {info['versions']['torch']}; {jobs} run(s) at a time; load average at the end "
               f"{', '.join(str(x) for x in s['load_1m_5m_15m_end'])} (1, 5, 15 min). "
               f"The machine may have been shared: times include waiting for the CPU.")
     write_text(out / "results.md", table + footer)

@@ -14,7 +14,7 @@ built from a fixed seed, untrained; its int8 programs are PTQ-calibrated on
 random token batches with the backend's quantizer (the same flow as
 ``difftx-edge quantize --method ptq``). Eager PyTorch runs the model as users
 do: ``eval()`` under ``torch.inference_mode()``, with its fused kernels.
-Latency is the median of timed calls after warm-up, batch 1, on ``--threads``
+Latency is the p50 of timed calls after warm-up, batch 1, on ``--threads``
 threads in both runtimes. A missed target is recorded, not raised.
 
     python benchmarks/export_delegation.py [--kinds softmax,local,...] [--seq-lens 256,1024] [--threads 1]
@@ -30,22 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (
-    machine_info,
-    machine_markdown,
-    markdown_table,
-    pin_threads,
-    summarize_ms,
-    time_calls,
-    write_json,
-    write_text,
-)
+from common import machine_info, machine_markdown, write_json, write_text
 
 from difftx_edge.convert import FORMATS
+from difftx_edge.markdown import markdown_table
 from difftx_edge.model import DiffTransformer, ModelConfig
 from difftx_edge.quantize import get_quantizer_spec, pt2e
 from difftx_edge.runtimes.executorch import ExecuTorchRunner
+from difftx_edge.runtimes.measure import latency_columns, summarize, timed_loop
 from difftx_edge.tasks.listops import VOCAB
+from difftx_edge.threads import pin_threads
 
 KINDS = ("softmax", "local", "linear", "lowrank", "hybrid")
 MAX_LITERT_PARTITIONS = 2
@@ -93,13 +87,19 @@ def latency(model: DiffTransformer, pte: Path, x: torch.Tensor, threads: int) ->
     runner = ExecuTorchRunner(pte, threads=threads)
     x_np = x.numpy()
     with torch.inference_mode():
-        eager = summarize_ms(time_calls(lambda: model(x)))
+        eager = _latency(lambda: model(x))
         reference = model(x).numpy()
-    pte_times = summarize_ms(time_calls(lambda: runner.run([x_np])))
+    pte_times = _latency(lambda: runner.run([x_np]))
     error = float(np.abs(runner.run([x_np])[0] - reference).max())
     return {"eager": eager, "pte": pte_times, "max_abs_error": error,
-            "speedup": eager["median_ms"] / pte_times["median_ms"],
-            "meets_target": pte_times["median_ms"] < eager["median_ms"]}
+            "speedup": eager["p50_ms"] / pte_times["p50_ms"],
+            "meets_target": pte_times["p50_ms"] < eager["p50_ms"]}
+
+
+def _latency(call) -> dict:
+    """The harness's timing of ``call``: two warm-up calls, then 1 s of timed calls (at least 3)."""
+    times = timed_loop(call, runs=None, seconds=1.0, warmup=2)
+    return {**latency_columns(summarize(times)), "runs": len(times)}
 
 
 def main() -> None:
@@ -132,8 +132,8 @@ def main() -> None:
                 pte = Path(tmp) / f"{kind}-{N}.pte"
                 row["executorch"][f"fp32_N{N}"] = executorch_case(program, pte, "fp32")
                 row["latency"][N] = latency(model, pte, x, threads)
-                print(f"{kind} N={N}: eager {row['latency'][N]['eager']['median_ms']:.2f} ms, "
-                      f".pte {row['latency'][N]['pte']['median_ms']:.2f} ms", flush=True)
+                print(f"{kind} N={N}: eager {row['latency'][N]['eager']['p50_ms']:.2f} ms, "
+                      f".pte {row['latency'][N]['pte']['p50_ms']:.2f} ms", flush=True)
             N = args.int8_seq_len
             x = tokens(1, N, args.seed)
             row["executorch"][f"int8_N{N}"] = executorch_case(
@@ -164,12 +164,12 @@ def main() -> None:
          for r in rows for case, c in r["litert"].items()])
     speed = markdown_table(
         ["kind", "N", "eager PyTorch (ms)", "fp32 .pte (ms)", "speedup", "max abs error", "target"],
-        [[r["kind"], N, f"{lat['eager']['median_ms']:.2f}", f"{lat['pte']['median_ms']:.2f}",
+        [[r["kind"], N, f"{lat['eager']['p50_ms']:.2f}", f"{lat['pte']['p50_ms']:.2f}",
           f"{lat['speedup']:.2f}x", f"{lat['max_abs_error']:.1e}", _mark(lat["meets_target"])]
          for r in rows for N, lat in r["latency"].items()])
     text = (f"ExecuTorch delegation (XNNPACK partitioner; the embedding lookup is the one op allowed outside):\n\n"
             f"{delegation}\n\nLiteRT delegation (XNNPACK delegate partitions in the interpreter):\n\n{litert}\n\n"
-            f"Latency, batch 1, median of timed calls, {threads} thread(s) in both runtimes:\n\n{speed}\n\n"
+            f"Latency, batch 1, p50 of timed calls, {threads} thread(s) in both runtimes:\n\n{speed}\n\n"
             f"{machine_markdown(info)}")
     write_text(out / "results.md", text)
     print(text)

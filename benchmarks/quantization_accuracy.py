@@ -18,10 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_info, machine_markdown, markdown_table, pin_threads, write_json, write_text
+from common import machine_info, machine_markdown, write_json, write_text
 
+from difftx_edge.markdown import markdown_table
 from difftx_edge.quantize import QUANTIZERS, QuantConfig, quantize
 from difftx_edge.tasks import TaskConfig
+from difftx_edge.threads import pin_threads
 from difftx_edge.train import TrainConfig, train
 
 TARGET_POINTS = 0.5

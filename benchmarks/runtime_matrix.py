@@ -33,9 +33,11 @@ import time
 from pathlib import Path
 
 from bundles import KINDS, make_bundle, planned_activation_bytes
-from common import machine_info, machine_markdown, markdown_table, write_json, write_text
+from common import machine_info, machine_markdown, write_json, write_text
 
+from difftx_edge.markdown import markdown_table
 from difftx_edge.runtimes.bench import BenchConfig, bench
+from difftx_edge.runtimes.measure import summarize
 
 RESULTS = Path(__file__).parent / "results" / "runtime_matrix"
 MIN_INT8_SPEEDUP = 1.5
@@ -151,7 +153,7 @@ def native_loop_p50(pte: Path, threads: int, runs: int) -> float:
 
     done = subprocess.run([str(build("host") / BINARY), "--model", str(pte / "model.pte"), "--threads", str(threads),
                            "--warmup", "5", "--runs", str(runs)], capture_output=True, text=True, check=True)
-    return statistics.median(json.loads(done.stdout)["times_ms"])
+    return summarize(json.loads(done.stdout)["times_ms"])["p50"]
 
 
 def op_profile(work: Path, kind: str, N: int, d_model: int, threads: int) -> dict:

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from bundles import make_bundle
-from common import machine_info, machine_markdown, markdown_table, write_json, write_text
+from common import machine_info, machine_markdown, write_json, write_text
 
+from difftx_edge.markdown import markdown_table
 from difftx_edge.runtimes.bench import BenchConfig, bench
 
 RESULTS = Path(__file__).parent / "results" / "scaling_runtimes"

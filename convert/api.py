@@ -132,8 +132,9 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
             cannot serve, a missing extra or int8 program.
         ExportFailed: (a ValueError) after every format was tried, when any failed.
     """
+    from difftx_edge.extras import versions
+    from difftx_edge.hashing import sha256_file
     from difftx_edge.io import load_run
-    from difftx_edge.quantize.api import sha256_file, versions
     from difftx_edge.tasks import TaskConfig, load_task
     from difftx_edge.train import set_threads
 
@@ -202,7 +203,7 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
             "task": {"name": task.name, "objective": task.objective, "metric": task.metric, "seq_len": N,
                      "label_names": info.get("label_names"), "vocab": info.get("vocab"),
                      "input_kind": "tokens" if model.cfg.vocab_size is not None else "features"},
-            "model": run_config["model"], "source": source, "versions": versions(None),
+            "model": run_config["model"], "source": source, "versions": versions(),
             # RUN/int8/<backend> by convention: the last two folder names say which program, without the path.
             "quantized_from": f"{quant_dir.parent.name}/{quant_dir.name}" if quant_dir else None,
         }
@@ -219,7 +220,9 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
 
 def _int8_dir(cfg: ExportConfig, spec, N: int) -> Path:
     """The backend's quantize output folder; raises ValueError when it has no program of length ``N``."""
-    quant_dir = Path(cfg.quantized or Path(cfg.run) / "int8") / spec.quantizer
+    from difftx_edge.quantize.api import int8_dir
+
+    quant_dir = Path(cfg.quantized) / spec.quantizer if cfg.quantized else int8_dir(cfg.run, spec.quantizer)
     try:
         quantized_len = json.loads((quant_dir / "quant_config.json").read_text())["input"]["shape"][1]
     except (OSError, ValueError, KeyError, TypeError, IndexError):
@@ -260,7 +263,8 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
         ExportFailed: (a ValueError) after every format was tried, when any failed: an unsupported op
             (named), a toolchain error or a parity failure, one line each.
     """
-    from difftx_edge.quantize.api import sha256_file, versions
+    from difftx_edge.extras import versions
+    from difftx_edge.hashing import sha256_file
 
     path = require_input_file(path, "model", "give a file written by torch.export.save")
     out = require_output_dir(out)
@@ -293,7 +297,7 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
         meta = {"inputs": [{"name": "x", "shape": list(args[0].shape), "dtype": _dtype_name(
                     torch.from_numpy(args[0]).dtype, spec.name)}],
                 "outputs": [{"name": "output", "shape": out_shape, "dtype": "float32"}],
-                "task": None, "source": source, "versions": versions(None)}
+                "task": None, "source": source, "versions": versions()}
         return build_bundle(spec, program, precision, out=out, reference=reference, parity_inputs=args,
                             output_step=None, meta=meta, threads=threads,
                             options={"example": (torch.from_numpy(args[0]),), "deployment_target": deployment_target})

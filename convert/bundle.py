@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from difftx_edge.convert.registry import FORMATS, FormatSpec
+from difftx_edge.hashing import sha256_tree
 from difftx_edge.io import make_dirs, make_stage_dir, remove_empty_dirs, remove_stale_stages
 from difftx_edge.runtimes.measure import accuracy as task_accuracy
-from difftx_edge.runtimes.registry import sha256_tree
 
 # Parity tolerances: fp32 in absolute logits; int8 in output quantization steps, plus top-1 agreement.
 FP32_ATOL = 1e-4

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from difftx_edge.extras import missing_modules, require_extra
+from difftx_edge.markdown import markdown_table
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -112,10 +113,10 @@ def formats_table(installed: bool = True) -> str:
     """
     header = ["format", "file", "precisions", "int8 from quantizer", "extra", "check on Linux"]
     header += ["installed"] if installed else []
-    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    rows = []
     for spec in FORMATS.values():
         cells = [f"`{spec.name}`", f"`{spec.filename}`", ", ".join(spec.precisions), f"`{spec.quantizer}`",
                  f"`{spec.extra}`", "parity in its runtime" if spec.check == "runtime" else "reference evaluation"]
         cells += ["yes" if spec.installed() else "no"] if installed else []
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append(cells)
+    return markdown_table(header, rows)

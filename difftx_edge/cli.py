@@ -216,7 +216,8 @@ def _bundle_line(out: str, manifest: dict) -> dict:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from difftx_edge.runtimes.bench import BenchConfig, bench, failed_rows, summary_line, table
+    from difftx_edge.runtimes.bench import BenchConfig, bench, failed_rows, summary_line
+    from difftx_edge.runtimes.results import table
 
     cfg = BenchConfig(**pick(args, BenchConfig, drop_none=False))
     results = bench(cfg, progress=sys.stderr.isatty())

@@ -9,7 +9,8 @@ A run directory holds:
   weights, optimizer, schedule, RNG), loaded with ``weights_only=True``.
 
 Every file is written to a temporary name and renamed, so a killed run never
-leaves a half-written checkpoint and loses at most the epoch in progress.
+leaves a half-written checkpoint and loses at most the epoch in progress
+(``difftx_edge.checkpoint``).
 The same code runs under ``torchrun`` with DistributedDataParallel.
 """
 
@@ -20,28 +21,28 @@ import json
 import logging
 import math
 import os
-import pickle
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from difftx_edge.checkpoint import RunFiles, append_line, keep_epochs, load_state, save_state
+from difftx_edge.distributed import Dist
 from difftx_edge.io import (
     CONFIG_SCHEMA,
-    atomic_write_bytes,
     atomic_write_json,
     load_run,
     missing_dirs,
-    partial_writes,
     remove_empty_dirs,
     require_output_dir,
     save_weights,
-    state_dict_cpu,
 )
+from difftx_edge.memory import require_training_memory
 from difftx_edge.model import DiffTransformer, ModelConfig
 from difftx_edge.tasks import TaskConfig, TaskData, load_task
+from difftx_edge.threads import pin_threads
 
 log = logging.getLogger("difftx_edge.train")
 
@@ -110,24 +111,6 @@ def check_threads(threads: int, flag: str = "threads") -> None:
                          f"(or leave it unset)")
 
 
-@dataclass
-class Dist:
-    """Where this process sits in a torchrun job (world 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def build_model_config(task: TaskData, choices: dict) -> ModelConfig:
     """The model for a task: input kind, outputs and length from the task, the rest from ``choices``."""
     unknown = set(choices) - set(MODEL_CHOICES)
@@ -149,7 +132,7 @@ ONE_THREAD_PARAMS = 1_000_000
 
 
 def set_threads(threads: int | None, world: int, n_params: int | None = None) -> int:
-    """Pin torch's intra-op thread count and return it.
+    """Choose the thread count, pin torch to it (``difftx_edge.threads``) and return it.
 
     Oversubscribed threads slow small models by an order of magnitude, so the
     count is always set. ``threads=None`` chooses: 1 for a model of fewer than
@@ -159,9 +142,7 @@ def set_threads(threads: int | None, world: int, n_params: int | None = None) ->
     """
     if threads is None and n_params is not None and n_params < ONE_THREAD_PARAMS:
         threads = 1
-    n = threads or max(1, (os.cpu_count() or 1) // world)
-    torch.set_num_threads(n)
-    return n
+    return pin_threads(threads or max(1, (os.cpu_count() or 1) // world))
 
 
 def loss_and_metric(logits: torch.Tensor, targets: torch.Tensor,
@@ -213,25 +194,6 @@ def schedule(step: int, total: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-@dataclass
-class RunFiles:
-    root: Path
-    model: Path = field(init=False)
-    config: Path = field(init=False)
-    metrics: Path = field(init=False)
-    state: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.model, self.config = self.root / "model.safetensors", self.root / "config.json"
-        self.metrics, self.state = self.root / "metrics.jsonl", self.root / "state.pt"
-
-    def remove_partial_writes(self) -> None:
-        """Delete the temporary files of writes a killed run never renamed into place (``atomic_write_bytes``)."""
-        for path in (self.model, self.config, self.state, self.metrics):
-            for partial in partial_writes(path):
-                partial.unlink(missing_ok=True)
-
-
 def train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | None = None, *,
           resume: bool = False, force: bool = False, progress: bool = True) -> dict:
     """Train a DiffTransformer on a task and write a run directory.
@@ -281,16 +243,13 @@ def _train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | N
     elif files.state.exists() or files.model.exists():
         if not force:
             raise ValueError(f"{files.root} already holds a run: pass --resume to continue it or --force to start over")
-    device = _device(train_cfg.device, dist)
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = dist.device(train_cfg.device)
+    dist.start(device)
 
     torch.manual_seed(train_cfg.seed)
     task = load_task(task_cfg)
     model_cfg = build_model_config(task, dict(model_choices or {}))
-    _require_training_memory(model_cfg, train_cfg, task.seq_len, device)
+    require_training_memory(model_cfg, train_cfg.batch_size, task.seq_len, device)
     model = DiffTransformer(model_cfg).to(device)
     threads = set_threads(train_cfg.threads, dist.world, model.num_parameters())
     steps_per_epoch = math.ceil(len(task.train.inputs) / train_cfg.batch_size)
@@ -308,9 +267,9 @@ def _train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | N
 
     start_epoch, best = 0, -math.inf
     if saved:
-        start_epoch, best = _load_state(files, model, optimizer, scheduler, averaged)
+        start_epoch, best = load_state(files, model, optimizer, scheduler, averaged)
         if dist.main:
-            _keep_epochs(files.metrics, start_epoch)
+            keep_epochs(files.metrics, start_epoch)
     elif dist.main:
         files.root.mkdir(parents=True, exist_ok=True)
         files.metrics.unlink(missing_ok=True)
@@ -322,10 +281,7 @@ def _train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | N
             "model_choices": dict(model_choices or {}), "task_info": task.to_dict(),
         })
 
-    net = model
-    if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = dist.wrap(model, device)
     if dist.main:
         log.info("training %s on %s: %d parameters, %d threads, %d process(es), epochs %d-%d",
                  model_cfg.attention, task.name, model.num_parameters(), threads, dist.world,
@@ -377,29 +333,17 @@ def _train(train_cfg: TrainConfig, task_cfg: TaskConfig, model_choices: dict | N
             if improved:
                 save_weights(files.model, scored)
             # The metrics line goes first: a kill between the two leaves an extra line, which resume drops.
-            _append_line(files.metrics, record)
-            _save_state(files, model, optimizer, scheduler, epoch + 1, best, averaged)
+            append_line(files.metrics, record)
+            save_state(files, model, optimizer, scheduler, epoch + 1, best, averaged)
             log.info("epoch %d: train loss %.4f, val %s %.4f%s", epoch + 1, record["train_loss"], task.metric,
                      val.get(task.metric, val["accuracy"]), " (best)" if improved else "")
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier()
-        tdist.destroy_process_group()
+    dist.finish()
     best_model, _ = load_run(files.root, device=device)
     test = evaluate(best_model, task.test.inputs, task.test.targets, device=device)
     if dist.main:
-        _append_line(files.metrics, {"split": "test", **test})
+        append_line(files.metrics, {"split": "test", **test})
         log.info("test %s of the best checkpoint: %.4f", task.metric, test.get(task.metric, test["accuracy"]))
     return test
-
-
-def _device(name: str, dist: Dist) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
-        return torch.device("cuda", dist.local_rank)
-    return torch.device("cpu")
 
 
 def _bar(iterable, desc: str, enabled: bool):
@@ -430,149 +374,6 @@ def _update_average(averaged: torch.nn.Module, model: torch.nn.Module, decay: fl
             avg.lerp_(new, 1 - d)
         else:
             avg.copy_(new)
-
-
-def _save_state(files: RunFiles, model, optimizer, scheduler, epoch: int, best: float, averaged=None) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    state = {"epoch": epoch, "best": best, "model": state_dict_cpu(model), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
-    if averaged is not None:
-        state["averaged"] = state_dict_cpu(averaged)
-    torch.save(state, buffer)
-    atomic_write_bytes(files.state, buffer.getvalue())
-
-
-def _load_state(files: RunFiles, model, optimizer, scheduler, averaged=None) -> tuple[int, float]:
-    try:
-        state = torch.load(files.state, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        if averaged is not None:
-            averaged.load_state_dict(state["averaged"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-    except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as err:
-        raise ValueError(f"cannot resume: {files.state} is corrupt ({type(err).__name__}); "
-                         "start over with --force") from err
-    return state["epoch"], state["best"]
-
-
-def _keep_epochs(metrics: Path, last_epoch: int) -> None:
-    """Drop metrics lines of epochs the saved state does not hold (and any earlier test line).
-
-    A torn last line (a kill mid-write, from before the file was written
-    atomically) is dropped with a warning: its epoch is redone.
-
-    Raises:
-        ValueError: a line before the last one is corrupt.
-    """
-    if not metrics.exists():
-        return
-    lines = [line for line in metrics.read_text(errors="replace").splitlines() if line.strip()]
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            epoch = record.get("epoch", last_epoch + 1)
-        except (json.JSONDecodeError, AttributeError) as err:
-            if number < len(lines):
-                raise ValueError(f"cannot resume: line {number} of {metrics} is corrupt ({type(err).__name__}): "
-                                 "delete that line or start over with --force") from err
-            log.warning("dropping the torn last line of %s (a killed write); its epoch is redone", metrics)
-            continue
-        if isinstance(epoch, int) and epoch <= last_epoch:
-            kept.append(line)
-    atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
-
-
-def _append_line(path: Path, record: dict) -> None:
-    """Add one JSON line to ``path`` atomically: the file is rewritten whole, so a kill never tears a line."""
-    old = path.read_bytes() if path.exists() else b""
-    atomic_write_bytes(path, old + (json.dumps(record) + "\n").encode())
-
-
-def estimate_training_memory(cfg: ModelConfig, batch_size: int, seq_len: int, eval_batch: int = 256) -> dict:
-    """Bytes a training run needs at its peak, by part: a deliberate over-estimate, to refuse the impossible.
-
-    Args:
-        cfg: the model.
-        batch_size: training batch size.
-        seq_len: sequence length N.
-        eval_batch: the batch ``evaluate`` uses (no gradients, one layer's activations at a time).
-
-    Returns:
-        ``{"parameters", "activations", "evaluation", "total", "largest"}`` in bytes, with the
-        number of parameters under ``"count"`` and the part that dominates under ``"largest"``.
-    """
-    with torch.device("meta"):  # counts the parameters without allocating them
-        count = DiffTransformer(cfg).num_parameters()
-    f32 = 4
-    H, C, N = cfg.n_heads, cfg.d_model, seq_len
-    d_ff = cfg.d_ff or 4 * C
-    D = C // H
-
-    def scores(kind: str, heads: int) -> float:
-        """Floats one layer of ``kind`` keeps per example for ``heads`` heads: its score matrices."""
-        if kind == "softmax":
-            # Eager training runs the fused SDPA kernel, which never builds the (N, N+1) scores: it keeps the
-            # padded q, k, v, the output and per-row statistics (measured: N=2000, batch 64, 1.9 GiB in all).
-            return heads * N * (D + 4)
-        if kind == "local":
-            block = min(cfg.window, N)
-            return heads * N * (3 * block + 2 * min(cfg.n_global, N))
-        if kind == "linear":
-            chunk = min(cfg.chunk, N)
-            return heads * (N * (chunk + 2 * (D + 1)) + 2 * (-(-N // chunk)) * D * (D + 1))
-        if kind == "lowrank":
-            return heads * N * (cfg.rank + -(-cfg.max_len // cfg.rank)) * 2
-        if kind == "hybrid":
-            local = -(-heads // 2)
-            return scores("local", local) + scores("linear", heads - local)
-        return heads * N * (N + 1)  # a kind registered elsewhere: assume the quadratic worst case
-
-    kinds = cfg.layer_kinds()
-    attention = [scores(kind, H) for kind in kinds]  # floats per example, per layer
-    dense = N * (14 * C + 3 * d_ff)  # floats per example per layer: LayerNorms, projections, MLP, residuals
-    head = N * cfg.n_outputs if cfg.head == "lm" else cfg.n_outputs
-    # A causal softmax builds its (N, N) bool mask, pads it to (N, N+1) for the null key, and SDPA turns that into
-    # a float additive mask: 1 + 1 + 4 bytes a score, one layer at a time.
-    masks = max((N * (N + 1) * 6 for kind in kinds if kind == "softmax" and cfg.causal), default=0)
-    parts = {
-        # weights, gradients, AdamW's two moments; the checkpoint's CPU copy and its serialized bytes
-        "parameters": count * f32 * 11,
-        # forward activations are kept for backward (scores and probabilities: 2x), plus one layer's gradients
-        "activations": batch_size * f32 * (sum(dense + 2 * a for a in attention) + max(attention) + 3 * head)
-        + masks,
-        "evaluation": eval_batch * f32 * (dense // 2 + 2 * max(attention) + 2 * head) + masks,
-    }
-    total = parts["parameters"] + max(parts["activations"], parts["evaluation"])
-    largest = max(parts, key=parts.get)
-    return {**parts, "total": total, "largest": largest, "count": count}
-
-
-def _require_training_memory(cfg: ModelConfig, train_cfg: TrainConfig, seq_len: int, device: torch.device) -> None:
-    """Refuse, in one line, a run whose estimate exceeds the memory available, before anything is allocated."""
-    from difftx_edge.memory import format_bytes, require_memory
-
-    need = estimate_training_memory(cfg, train_cfg.batch_size, seq_len)
-    available = None  # the CPU's MemAvailable
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    quadratic = "softmax" in cfg.layer_kinds()
-    advice = {
-        "parameters": "lower --d-model, --n-layers or --d-ff",
-        "activations": "lower --batch-size or --seq-len" + (
-            ", or use --attention local, linear or hybrid, whose cost grows linearly with --seq-len"
-            if quadratic else ", or lower --d-model"),
-        "evaluation": "lower --seq-len" + (", or use --attention local, linear or hybrid" if quadratic else ""),
-    }[need["largest"]]
-    part = {"parameters": "weights, gradients and optimizer state", "activations": "training activations",
-            "evaluation": "evaluation activations at batch 256"}[need["largest"]]
-    what = (f"training {need['count']:,} parameters at batch {train_cfg.batch_size} and sequence length {seq_len} "
-            f"({part}: {format_bytes(need[need['largest']])})")
-    require_memory(need["total"], what, advice, available)
 
 
 _ADDED_OFF = {"augment": False, "ema": 0.0}

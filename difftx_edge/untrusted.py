@@ -13,9 +13,10 @@ file once into memory (what it checks is what it loads), refuses compiled code
 and opaque objects, unpickles every pickle-bearing member with
 ``torch.load(weights_only=True)`` only, checks every symbolic expression
 against a plain grammar, and hands the results to torch's own deserializer,
-which then has no pickle left to load. The path helpers for bundles
-(``inside``, ``sha256_tree``) live in ``difftx_edge.runtimes.registry``, since
-they also run on boards that have neither torch nor the rest of difftx-edge.
+which then has no pickle left to load. The checks a bundle gets
+(``inside`` in ``difftx_edge.runtimes.registry``, ``sha256_tree`` in
+``difftx_edge.hashing``) live apart, since they also run on boards that have
+neither torch nor the rest of difftx-edge.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from difftx_edge.runtimes.registry import inside, sha256_tree
+from difftx_edge.hashing import sha256_tree
+from difftx_edge.runtimes.registry import inside
 
 __all__ = ["Refused", "inside", "load_exported_program", "sha256_tree"]
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 
+from difftx_edge.hashing import sha256_tree
 from difftx_edge.io import atomic_write_json
 
 # Left out of the keys: paths, which the layout of DIR fixes, and settings that change how fast a stage runs
@@ -27,22 +28,9 @@ from difftx_edge.io import atomic_write_json
 UNKEYED = ("out", "run", "quantized", "bundles", "threads", "device")
 
 
-def digest(path: Path) -> str:
-    """The sha256 of a file, or of a folder's files: their relative paths and contents, in sorted order."""
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            h.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def digests(root: Path, names: Iterable[str]) -> dict[str, str]:
-    """Each of ``names`` (relative to ``root``) -> its digest."""
-    return {name: digest(root / name) for name in names}
+    """Each of ``names`` (relative to ``root``) -> its sha256 (a folder's covers its file names)."""
+    return {name: sha256_tree(root / name) for name in names}
 
 
 def key_sha256(key: dict) -> str:
@@ -77,7 +65,7 @@ def write_record(out: Path, unit: str, stage: str, key: dict, key_hash: str, sec
     """Record a finished unit: its key, its wall time and the digest of each output (paths relative to ``out``)."""
     atomic_write_json(_record_path(out, unit), {
         "unit": unit, "stage": stage, "key_sha256": key_hash, "key": key, "seconds": seconds,
-        "outputs": {str(path.relative_to(out)): digest(path) for path in outputs}})
+        "outputs": {str(path.relative_to(out)): sha256_tree(path) for path in outputs}})
 
 
 def up_to_date(out: Path, unit: str, outputs: Iterable[Path], key_hash: str) -> bool:
@@ -90,6 +78,6 @@ def up_to_date(out: Path, unit: str, outputs: Iterable[Path], key_hash: str) -> 
         return False
     for path in outputs:
         name = str(path.relative_to(out))
-        if not path.exists() or recorded.get(name) != digest(path):
+        if not path.exists() or recorded.get(name) != sha256_tree(path):
             return False
     return True

@@ -29,7 +29,7 @@ from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig
 
 STAGES = ("train", "quantize", "export", "check", "bench", "report")
-RUN, INT8, BUNDLES, BENCH = "run", "int8", "bundles", "bench"
+RUN, BUNDLES, BENCH = "run", "bundles", "bench"
 CHECKS, REPORT, SUMMARY = "checks.json", "report.md", "pipeline.json"
 RUN_FILES = ("model.safetensors", "config.json")  # what later stages read from the run
 BENCH_FILES = ("results.json", "results.csv", "results.md", "latency_vs_seq_len.png", "fp32_vs_int8.png")

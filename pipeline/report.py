@@ -6,19 +6,20 @@ import json
 from pathlib import Path
 
 from difftx_edge.convert import FORMATS
+from difftx_edge.markdown import markdown_table, number_cell
 from difftx_edge.pipeline.cache import read_record
 from difftx_edge.pipeline.plan import (
     ACCURACY_TOLERANCE,
     BENCH,
     BUNDLES,
     CHECKS,
-    INT8,
     RUN,
     SUMMARY,
     PipelineConfig,
     Plan,
     unit_names,
 )
+from difftx_edge.quantize.api import INT8, int8_dir
 
 
 def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, str] | None = None) -> str:
@@ -31,7 +32,7 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, 
         failed: unit -> the one-line reason it failed or did not run; the
             report lists them first and marks what they left out.
     """
-    from difftx_edge.quantize.api import versions
+    from difftx_edge.extras import versions
     from difftx_edge.runtimes.measure import describe, int8_features_text
 
     failed = failed or {}
@@ -41,7 +42,7 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, 
 
     run_config = json.loads((out / RUN / "config.json").read_text())
     test = _test_metrics(out / RUN / "metrics.jsonl")
-    quant = {b: report for b in plan.backends if (report := read(out / INT8 / b / "quant_report.json"))}
+    quant = {b: report for b in plan.backends if (report := read(int8_dir(out, b) / "quant_report.json"))}
     checks = {row["bundle"]: row for row in (read(out / CHECKS) or {"bundles": []})["bundles"]}
     manifests = {name: manifest for name in plan.bundle_names
                  if f"export-{name}" not in failed and (manifest := read(out / BUNDLES / name / "manifest.json"))}
@@ -66,8 +67,8 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, 
         lines += ["## Failures", "",
                   f"{plural(len(failed), 'unit')} failed or could not run; everything else ran, and what they would "
                   "have made is marked below. Each log is in `logs/<stage>.log`; a re-run retries them.", ""]
-        lines += [_table(["unit", "reason"], [[unit, reason.replace("|", "\\|")] for unit, reason in failed.items()]),
-                  ""]
+        reasons = [[unit, reason.replace("|", "\\|")] for unit, reason in failed.items()]
+        lines += [markdown_table(["unit", "reason"], reasons), ""]
 
     lines += ["## Accuracy", "",
               f"Test-split accuracy ({examples or '-'} examples). PyTorch: the fp32 checkpoint"
@@ -98,7 +99,7 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, 
                     _pct((report["test"]["qat"] or {}).get("accuracy")) if report else "-",
                     f"{report['shipped'].upper()}: {report['reason']}".replace("|", "\\|") if report else "-"]
         rows.append(row)
-    lines += [_table(header, rows), ""]
+    lines += [markdown_table(header, rows), ""]
     if "coreml" in plan.formats:
         lines += ["Core ML's accuracy and parity are measured by reference evaluation of the saved program's ops "
                   "with coremltools (labelled below), not by the Core ML runtime, which runs on macOS only.", ""]
@@ -126,7 +127,7 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, 
                      f"{manifest['export_seconds']:.1f}"])
     header = ["bundle", "size (KB)", "parity vs PyTorch (max)", "top-1 agreement", "accuracy in the runtime (PyTorch)",
               "check", "checked by", "delegation", "conversion (s)"]
-    lines += [_table(header, rows), ""]
+    lines += [markdown_table(header, rows), ""]
     if plan.unsupported:
         lines += ["Not exported (the format lacks the precision): "
                   + ", ".join(f"{f} {p}" for f, p in plan.unsupported) + ".", ""]
@@ -141,11 +142,12 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, 
                   f"`{target['url']}` ({target.get('cpu')}, {target.get('cores')} cores), "
                   f"{results['config']['threads']} thread(s). Peak RSS is the measuring process's peak; the import "
                   "baseline is its peak after importing the runtime, before loading the model.", ""]
-        rows = [[Path(row["source"]).name, row["runner"], str(row["seq_len"] or "-"), _num(row.get("p50_ms"), 3),
-                 _num(row.get("p90_ms"), 3), _num(row.get("peak_rss_mb"), 1), _num(row.get("import_baseline_mb"), 1),
+        rows = [[Path(row["source"]).name, row["runner"], str(row["seq_len"] or "-"),
+                 number_cell(row.get("p50_ms"), 3), number_cell(row.get("p90_ms"), 3),
+                 number_cell(row.get("peak_rss_mb"), 1), number_cell(row.get("import_baseline_mb"), 1),
                  f"{row['artifact_bytes'] / 1024:.1f}", row["status"]] for row in results["rows"]]
-        lines += [_table(["bundle", "runner", "N", "p50 ms", "p90 ms", "peak RSS MB", "import baseline MB",
-                          "size (KB)", "status"], rows), ""]
+        lines += [markdown_table(["bundle", "runner", "N", "p50 ms", "p90 ms", "peak RSS MB", "import baseline MB",
+                                  "size (KB)", "status"], rows), ""]
         if target.get("emulated"):
             lines += ["The target is an emulated board: its outputs are real, its timings are an emulator's.", ""]
         lines += [f"![p50 latency against sequence length]({BENCH}/latency_vs_seq_len.png)", "",
@@ -168,8 +170,8 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, 
         seconds = [r.get("seconds") for r in records]
         total = sum(s for s in seconds if s is not None) if units and None not in seconds else None
         rows.append([stage, ", ".join(u.split("-", 1)[-1] if "-" in u else u for u in units) or "not needed",
-                     _num(total, 1)])
-    lines += [_table(["stage", "units", "wall time (s)"], rows), ""]
+                     number_cell(total, 1)])
+    lines += [markdown_table(["stage", "units", "wall time (s)"], rows), ""]
 
     machine = describe()
     lines += ["## Machine", "",
@@ -182,8 +184,8 @@ def render_report(out: Path, cfg: PipelineConfig, plan: Plan, failed: dict[str, 
                      f"{target.get('cores')} cores; {int8_features_text(target.get('cpu_features'))}), "
                      f"{target.get('os')}, {results['config']['threads']} thread(s).")
     lines += ["", "## Versions", ""]
-    found = {**machine["packages"], **versions(None)}
-    lines += [_table(["package", "version"], [[name, found[name]] for name in sorted(found)]), ""]
+    found = {**machine["packages"], **versions()}
+    lines += [markdown_table(["package", "version"], [[name, found[name]] for name in sorted(found)]), ""]
     return "\n".join(lines)
 
 
@@ -206,17 +208,8 @@ def _test_metrics(metrics: Path) -> dict:
     return {}
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f} %"
-
-
-def _num(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _parity(parity: dict) -> str:

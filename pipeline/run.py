@@ -49,7 +49,7 @@ def pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bool =
     Raises:
         ValueError: a bad config or a missing extra, before any work.
     """
-    from difftx_edge.quantize.api import versions
+    from difftx_edge.extras import versions
 
     forced = set(force)
     for name in forced:
@@ -59,7 +59,7 @@ def pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), progress: bool =
     plan.require()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(cfg, plan, out, versions(None), progress)
+    ctx = Context(cfg, plan, out, versions(), progress)
     summary = {"config": asdict(cfg), "force": sorted(forced), "stages": [], "failed": [], "seconds": 0.0}
     started = time.perf_counter()
     with Console(progress) as console:

@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from difftx_edge.convert import FORMATS, ExportConfig
+from difftx_edge.hashing import sha256_tree
 from difftx_edge.io import atomic_write_bytes, atomic_write_json
-from difftx_edge.pipeline.cache import UNKEYED, digest, digests, settings
+from difftx_edge.pipeline.cache import UNKEYED, digests, settings
 from difftx_edge.pipeline.plan import (
     ACCURACY_TOLERANCE,
     BENCH,
     BENCH_FILES,
     BUNDLES,
     CHECKS,
-    INT8,
     REPORT,
     RUN,
     RUN_FILES,
@@ -30,6 +30,7 @@ from difftx_edge.pipeline.plan import (
 )
 from difftx_edge.pipeline.report import plural, render_report
 from difftx_edge.quantize import QuantConfig
+from difftx_edge.quantize.api import int8_dir
 from difftx_edge.runtimes.bench import BenchConfig
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig
@@ -88,7 +89,7 @@ def _train_units(ctx: Context) -> list[Unit]:
 
     cfg = ctx.cfg
     train_cfg, task_cfg, choices = cfg.train_config(ctx.run), cfg.task_config(), cfg.model_choices()
-    task = {**asdict(task_cfg), "data": digest(Path(cfg.data)) if cfg.data else None}
+    task = {**asdict(task_cfg), "data": sha256_tree(Path(cfg.data)) if cfg.data else None}
     key = {"train": settings(train_cfg), "task": task, "model": choices, "versions": ctx.versions}
 
     def run() -> None:
@@ -122,7 +123,7 @@ def _quantize_units(ctx: Context) -> list[Unit]:
     units = []
     blocked = ctx.blocked(["train"])
     for backend in ctx.plan.backends:
-        qdir = ctx.out / INT8 / backend
+        qdir = int8_dir(ctx.out, backend)
         qcfg = QuantConfig(run=str(ctx.run), out=str(qdir), backend=backend, method="qat", epochs=ctx.cfg.qat_epochs,
                            seed=ctx.cfg.seed, threads=ctx.cfg.threads)
         key = {} if blocked else {"quant": settings(qcfg), "versions": ctx.versions,
@@ -139,11 +140,11 @@ def _export_units(ctx: Context) -> list[Unit]:
     units = []
     for fmt, precision in ctx.plan.bundles:
         ecfg = ExportConfig(run=str(ctx.run), out=str(ctx.out / BUNDLES), format=fmt, precision=precision,
-                            quantized=str(ctx.out / INT8), threads=ctx.cfg.threads)
+                            quantized=str(int8_dir(ctx.out)), threads=ctx.cfg.threads)
         reads = [f"{RUN}/{n}" for n in RUN_FILES]
         needs = ["train"]
         if precision == "int8":
-            reads += [f"{INT8}/{FORMATS[fmt].quantizer}/{n}" for n in ("quantized.pt2", "quant_config.json")]
+            reads += [str(int8_dir("", FORMATS[fmt].quantizer) / n) for n in ("quantized.pt2", "quant_config.json")]
             needs.append(f"quantize-{FORMATS[fmt].quantizer}")
         blocked = ctx.blocked(needs)
         key = {} if blocked else {"export": settings(ecfg), "inputs": digests(ctx.out, reads),
@@ -255,7 +256,7 @@ BUILDERS: dict[str, Callable[[Context], list[Unit]]] = {
 
 def _report_inputs(plan: Plan) -> list[str]:
     return ([f"{RUN}/config.json", f"{RUN}/metrics.jsonl"]
-            + [f"{INT8}/{b}/quant_report.json" for b in plan.backends]
+            + [str(int8_dir("", b) / "quant_report.json") for b in plan.backends]
             + [f"{BUNDLES}/{name}/manifest.json" for name in plan.bundle_names] + [CHECKS]
             + ([f"{BENCH}/results.json"] if plan.benched else []))
 

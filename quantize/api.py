@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from difftx_edge.extras import versions
+from difftx_edge.hashing import sha256_file
 from difftx_edge.io import require_output_dir
 from difftx_edge.quantize import pt2e
 from difftx_edge.quantize.registry import get_quantizer_spec
@@ -40,6 +42,17 @@ log = logging.getLogger("difftx_edge.quantize")
 
 METHODS = ("qat", "ptq")
 PROGRAM, CONFIG, REPORT = "quantized.pt2", "quant_config.json", "quant_report.json"
+INT8 = "int8"
+
+
+def int8_dir(root: str | os.PathLike, backend: str | None = None) -> Path:
+    """``ROOT/int8/BACKEND``: where quantize writes a run's program for ``backend`` unless told otherwise, and
+    where export and the pipeline look for it; ``ROOT/int8``, the folder of every backend's, without one.
+
+    ``root`` is a run directory, or the pipeline's output directory, which holds its int8 programs the same way.
+    """
+    folder = Path(root) / INT8
+    return folder if backend is None else folder / backend
 
 
 @dataclass
@@ -62,7 +75,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         get_quantizer_spec(self.backend)
         if self.out is None:
-            self.out = str(Path(self.run) / "int8" / self.backend)
+            self.out = str(int8_dir(self.run, self.backend))
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.epochs < 1 or (self.steps is not None and self.steps < 1):
@@ -206,7 +219,7 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
         "model": run_config["model"], "task": run_config["task"], "task_info": run_config.get("task_info"),
         "input": {"shape": ["batch", *example.shape[1:]], "dtype": str(example.dtype).removeprefix("torch."),
                   "max_batch": pt2e.MAX_BATCH},
-        "program": PROGRAM, "program_sha256": report["program_sha256"], "versions": versions(spec),
+        "program": PROGRAM, "program_sha256": report["program_sha256"], "versions": versions(),
     }
     from difftx_edge.io import atomic_write_bytes, atomic_write_json
 
@@ -290,29 +303,6 @@ def load_quantized(out_dir: str | os.PathLike):
     # config too), so the program is read as untrusted: no pickle in it is ever run.
     program = load_exported_program(out / PROGRAM)
     return program, config
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def versions(spec) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from difftx_edge import __version__
-
-    found = {"difftx-edge": __version__, "torch": torch.__version__}
-    for package in ("torchao", "executorch", "litert-torch", "ai-edge-litert", "coremltools", "onnx",
-                    "onnxruntime", "onnxscript"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return found
 
 
 def _deployable(converted: torch.fx.GraphModule, spec) -> torch.fx.GraphModule:

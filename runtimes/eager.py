@@ -19,11 +19,12 @@ class TorchRunner:
         import torch
 
         from difftx_edge.io import load_run
+        from difftx_edge.threads import pin_threads
 
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("torch finds no CUDA device here: run the cuda target on a machine with an NVIDIA GPU "
                              "and a CUDA build of torch")
-        torch.set_num_threads(threads)
+        pin_threads(threads)
         self.path, self.threads, self.device = Path(path), threads, device
         self.model, self.config = load_run(self.path, device)
 

@@ -5,7 +5,8 @@ memory is its own: ``python -m difftx_edge.runtimes.measure`` here, and the
 zipapp built by :func:`device_runner` on a board over SSH. On a board there
 is only Python 3, numpy and the runtime's own package, so this module, like
 the runtime registry, imports nothing else at the top: no torch, and no
-difftx-edge beyond ``difftx_edge.runtimes`` and ``difftx_edge.extras``.
+difftx-edge beyond ``difftx_edge.runtimes`` and the standard-library helpers
+``difftx_edge.extras``, ``hashing`` and ``threads``.
 
 It prints progress lines ``{"progress": done, "of": total}`` on stderr while it
 times, and the row as one JSON object on stdout. A failure is one line on
@@ -30,6 +31,9 @@ EXIT_FAILED = 2
 # A board built by benchmarks/arm64_board carries this file: its timings are an emulator's, not a CPU's.
 EMULATED_MARKER = Path("/etc/difftx-edge/emulated-board")
 PROGRESS_UPDATES = 20  # progress lines per timed loop: enough for a bar, few enough not to perturb the timing
+# The host's harness and its results writer: they need torch and the rest of difftx-edge, so the device runner
+# leaves them out.
+HOST_ONLY = ("bench.py", "results.py")
 
 
 def summarize(times_ms: list[float]) -> dict:
@@ -37,6 +41,11 @@ def summarize(times_ms: list[float]) -> dict:
     t = np.asarray(times_ms, dtype=np.float64)
     return {"min": float(t.min()), "p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90)),
             "p99": float(np.percentile(t, 99)), "mean": float(t.mean()), "std": float(t.std())}
+
+
+def latency_columns(latency: dict) -> dict:
+    """A :func:`summarize` summary as results columns: ``min_ms``, ``p50_ms``, ``p90_ms``, ``p99_ms``, ..."""
+    return {f"{key}_ms": value for key, value in latency.items()}
 
 
 def memory_mb() -> tuple[float, float]:
@@ -52,8 +61,16 @@ def memory_mb() -> tuple[float, float]:
     return peak_mb, peak_mb
 
 
-def timed_loop(call, *, runs: int | None, seconds: float | None, progress) -> list[float]:
-    """Per-call wall times (ms): exactly ``runs`` calls, or calls until ``seconds`` have passed (at least 3)."""
+def timed_loop(call, *, runs: int | None, seconds: float | None, warmup: int = 0, progress=None) -> list[float]:
+    """Per-call wall times (ms) of ``call``, after ``warmup`` untimed calls: exactly ``runs`` calls, or calls until
+    ``seconds`` of them have passed (at least 3). ``progress(done, total)``, when given, hears about 20 times.
+
+    Every latency we report, the harness's rows and the benchmark scripts' alike, comes from this loop and
+    :func:`summarize`.
+    """
+    for _ in range(warmup):
+        call()
+    progress = progress or (lambda done, total: None)
     times: list[float] = []
     every = max(1, (runs or 0) // PROGRESS_UPDATES)
     last_report = time.perf_counter()
@@ -109,9 +126,8 @@ def measure(args: argparse.Namespace, progress) -> dict:
     started = time.perf_counter()
     runner.run(inputs)
     first_ms = (time.perf_counter() - started) * 1e3
-    for _ in range(args.warmup):
-        runner.run(inputs)
-    times = timed_loop(lambda: runner.run(inputs), runs=args.runs, seconds=args.seconds, progress=progress)
+    times = timed_loop(lambda: runner.run(inputs), runs=args.runs, seconds=args.seconds, warmup=args.warmup,
+                       progress=progress)
     _, peak = memory_mb()
 
     row = {"load_ms": load_ms, "first_inference_ms": first_ms, "latency_ms": summarize(times), "runs": len(times),
@@ -168,7 +184,7 @@ def int8_features_text(features: dict | None) -> str:
 
 def describe() -> dict:
     """The machine this runs on and the runtime packages it has, for the results' header."""
-    from importlib.metadata import PackageNotFoundError, version
+    from difftx_edge.extras import versions
 
     cpu = platform.processor() or platform.machine()
     found = _cpuinfo()
@@ -177,34 +193,30 @@ def describe() -> dict:
         if found.get(key) and not found[key].isdigit():
             cpu = found[key]
             break
-    packages = {}
-    for name in ("numpy", "onnxruntime", "onnxruntime-gpu", "ai-edge-litert", "tflite-runtime", "executorch",
-                 "torch", "coremltools"):
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            continue
     return {"machine": platform.machine(), "cpu": cpu, "cpu_features": cpu_features(), "cores": os.cpu_count(),
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "packages": packages, "emulated": EMULATED_MARKER.exists()}
+            "packages": versions(), "emulated": EMULATED_MARKER.exists()}
 
 
 def device_runner(path: str | os.PathLike) -> Path:
     """Write the zipapp that runs this module on a board: ``python3 runner.pyz ARGS`` (Python 3, numpy, a runtime).
 
     It holds ``difftx_edge.runtimes`` (the registry, every runner and this
-    module) and ``difftx_edge.extras``, with an empty ``difftx_edge``
-    package, whose real ``__init__`` would import torch.
+    module) and the standard-library helpers they import (``extras``,
+    ``hashing``, ``threads``), in a ``difftx_edge`` package that holds only
+    its version: the real ``__init__`` would import torch.
     """
-    from difftx_edge import extras, runtimes
+    from difftx_edge import __version__, extras, hashing, runtimes, threads
 
     package = Path(runtimes.__file__).parent
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("difftx_edge/__init__.py", '"""The device runner\'s part of difftx-edge."""\n')
-        archive.write(extras.__file__, "difftx_edge/extras.py")
+        archive.writestr("difftx_edge/__init__.py",
+                         f'"""The device runner\'s part of difftx-edge."""\n\n__version__ = {__version__!r}\n')
+        for helper in (extras, hashing, threads):
+            archive.write(helper.__file__, f"difftx_edge/{Path(helper.__file__).name}")
         for module in sorted(package.glob("*.py")):
-            if module.name == "bench.py":  # the host's harness: it needs torch and difftx-edge
+            if module.name in HOST_ONLY:
                 continue
             archive.write(module, f"difftx_edge/runtimes/{module.name}")
         archive.writestr("__main__.py", "import sys\n\nfrom difftx_edge.runtimes.measure import main\n\n"

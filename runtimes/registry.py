@@ -3,13 +3,12 @@
 A runner loads one artifact and executes it on numpy inputs in the real
 runtime; its packages are imported when it loads, never at registration. This
 module, like every runner module, imports only the standard library and numpy
-at the top: it also runs on boards that have neither torch nor difftx-edge
-(see ``difftx_edge.runtimes.measure``).
+at the top (and difftx-edge's standard-library helpers ``extras`` and ``hashing``): it also runs on boards that
+have neither torch nor difftx-edge (see ``difftx_edge.runtimes.measure``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from difftx_edge.extras import missing_modules, not_installed
+from difftx_edge.hashing import sha256_tree
 
 MANIFEST = "manifest.json"
 
@@ -74,19 +74,6 @@ def links_outside(folder: str | os.PathLike) -> list[Path]:
             if entry.is_symlink() and not _resolves_inside(entry, root):
                 found.append(entry)
     return found
-
-
-def sha256_tree(path: str | os.PathLike) -> str:
-    """The sha256 of a file, or of a folder's files (an .mlpackage) in sorted path order: a manifest's
-    ``artifact_sha256``."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    for f in files:
-        with open(f, "rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

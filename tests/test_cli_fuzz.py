@@ -753,8 +753,8 @@ def test_output_check_leaves_no_probe(tmp_path):
 
 
 def test_memory_estimate_counts_the_model_and_grows_with_the_attention_kind():
+    from difftx_edge.memory import estimate_training_memory
     from difftx_edge.model import DiffTransformer, ModelConfig
-    from difftx_edge.train import estimate_training_memory
 
     def cfg(kind: str, n: int) -> ModelConfig:
         return ModelConfig(vocab_size=256, n_outputs=10, max_len=n, attention=kind, position="sinusoidal")

@@ -354,10 +354,27 @@ def test_a_folder_artifact_is_hashed_to_its_nested_files(tmp_path):
     (package / "Data").mkdir(parents=True)
     (package / "Manifest.json").write_text("{}")
     (package / "Data" / "weights.bin").write_bytes(b"\x01\x02")
-    expected = hashlib.sha256(b"\x01\x02" + b"{}").hexdigest()  # files in sorted path order: Data/ first
+    # Each file's relative path, size and bytes, in sorted path order: Data/ first.
+    expected = hashlib.sha256(b"Data/weights.bin\x002\x00\x01\x02" + b"Manifest.json\x002\x00{}").hexdigest()
     assert sha256_tree(package) == expected
     (package / "Data" / "weights.bin").write_bytes(b"\x01\x03")
     assert sha256_tree(package) != expected
+
+
+def test_a_folder_hash_counts_the_names_and_a_file_hash_is_its_bytes(tmp_path):
+    """Moving bytes between files, or renaming one, changes a folder's hash; a single file hashes as
+    sha256sum does, so the manifests of file artifacts written before folders counted names still verify."""
+    one, other = tmp_path / "one.mlpackage", tmp_path / "other.mlpackage"
+    for folder in (one, other):
+        folder.mkdir()
+    (one / "a").write_bytes(b"xy")
+    (other / "b").write_bytes(b"xy")
+    assert sha256_tree(one) != sha256_tree(other)
+    (other / "b").rename(other / "a")
+    (other / "a").write_bytes(b"x")
+    (other / "b").write_bytes(b"y")
+    assert sha256_tree(one) != sha256_tree(other)  # the same bytes, split across two files
+    assert sha256_tree(one / "a") == hashlib.sha256(b"xy").hexdigest()
 
 
 def test_bench_refuses_a_hostile_bundle_before_running_anything(tmp_path, capsys):

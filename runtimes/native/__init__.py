@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from difftx_edge.hashing import sha256_file
+
 BINARY = "difftx-et-runner"
 SOURCE = Path(__file__).with_name("runner.cpp")
 # runner.cpp declares the thread pool API itself (the wheel leaves out its header) as executorch 1.5.1 has it.
@@ -200,9 +202,8 @@ def build(arch: str = "host", *, force: bool = False) -> Path:
     target = ARCHES[arch]
     compiler_version = subprocess.run([target.compiler, "--version"], capture_output=True, text=True,
                                       check=True).stdout.splitlines()[0]
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update("\0".join([EXECUTORCH_VERSION, arch, compiler_version, *FLAGS, *LIBRARIES]).encode())
-    key = digest.hexdigest()[:16]
+    parts = [sha256_file(SOURCE), EXECUTORCH_VERSION, arch, compiler_version, *FLAGS, *LIBRARIES]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     final = cache_root() / f"{arch}-{key}"
     if (final / BINARY).is_file() and not force:
         return final

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from difftx_edge.convert import ExportConfig, export_run
+from difftx_edge.hashing import sha256_tree
 from difftx_edge.quantize import QuantConfig, quantize
-from difftx_edge.runtimes.bench import CSV_FIELDS, BenchConfig, bench
-from difftx_edge.runtimes.registry import sha256_tree
+from difftx_edge.runtimes.bench import BenchConfig, bench
+from difftx_edge.runtimes.results import CSV_FIELDS
 from difftx_edge.runtimes.targets import make_target
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
@@ -66,8 +67,9 @@ def int8_io_bundle(run: Path, bundle: Path, out: Path) -> None:
     from difftx_edge.convert.bundle import MANIFEST, artifact_io
     from difftx_edge.convert.litert import unfold_int8_weights
     from difftx_edge.quantize import get_quantizer_spec, load_quantized
+    from difftx_edge.quantize.api import int8_dir
 
-    program, _ = load_quantized(run / "int8" / "litert")
+    program, _ = load_quantized(int8_dir(run, "litert"))
     shutil.copytree(bundle, out)
     config = LiteRTQuantConfig(pt2e_quantizer=get_quantizer_spec("litert").quantizer(qat=False))
     litert_torch.convert(unfold_int8_weights(program.module()), (torch.zeros(1, 16, 4),),
@@ -247,6 +249,20 @@ def test_a_missing_path_is_one_line(tmp_path):
     one_line_error(cli("bench", str(tmp_path / "empty"), "--out", str(tmp_path / "o")), "holds neither a bundle's")
 
 
+def test_device_runner_carries_what_the_runtimes_import_and_names_its_version(tmp_path):
+    """The zipapp has no real difftx_edge package: the helpers the runtimes import (hashing, threads, extras)
+    travel in it, and its stub package says which difftx-edge built it, so its rows list the same versions."""
+    from difftx_edge import __version__
+    from difftx_edge.runtimes.measure import device_runner
+
+    runner = device_runner(tmp_path / "runner.pyz")
+    done = subprocess.run([sys.executable, "-I", str(runner), "--describe"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    packages = json.loads(done.stdout)["packages"]
+    assert packages["difftx-edge"] == __version__ and "numpy" in packages
+
+
 def test_every_target_has_what_the_harness_reads():
     """Each attribute the harness reads of a target (``target.x``, or ``target_class(url).x`` before one is
     made) is declared on Target, and every registered target subclasses it and implements its methods. The adb
@@ -391,7 +407,7 @@ def test_coreml_rows_are_not_run_off_macos_and_are_no_failure(bundles, tmp_path,
 
 
 def test_rows_name_their_model_and_n_is_a_sequence_length_only(bundles, tmp_path):
-    from difftx_edge.runtimes.bench import table
+    from difftx_edge.runtimes.results import table
 
     # A converted model has no task and no difftx-edge model config: its input's dimension 1 is not a sequence
     # length (it may be a CNN's channels).
@@ -408,7 +424,7 @@ def test_rows_name_their_model_and_n_is_a_sequence_length_only(bundles, tmp_path
 
 
 def test_one_length_per_series_is_a_bar_chart(bundles):
-    from difftx_edge.runtimes.bench import latency_figure
+    from difftx_edge.runtimes.results import latency_figure
 
     row = {"status": "ok", "seq_len": 16, "attention": "hybrid", "precision": "fp32", "runner": "python",
            "emulated": False}

@@ -25,8 +25,9 @@ from conftest import unavailable
 
 from difftx_edge.convert import ExportConfig, export_run
 from difftx_edge.quantize import QuantConfig, quantize
-from difftx_edge.runtimes.bench import BenchConfig, bench, table
+from difftx_edge.runtimes.bench import BenchConfig, bench
 from difftx_edge.runtimes.registry import Bundle, example_tensor
+from difftx_edge.runtimes.results import table
 from difftx_edge.runtimes.targets import Job, make_target
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
