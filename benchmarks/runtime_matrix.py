@@ -149,11 +149,11 @@ def planned_memory(kinds: list[str], lengths: list[int], d_model: int, work: Pat
 
 def native_loop_p50(pte: Path, threads: int, runs: int) -> float:
     """The native runner's p50 on ``pte``, run by hand: the binary and its own timing loop, no harness."""
-    from difftx_edge.runtimes.native import BINARY, build
+    from difftx_edge.runtimes import native
 
-    done = subprocess.run([str(build("host") / BINARY), "--model", str(pte / "model.pte"), "--threads", str(threads),
-                           "--warmup", "5", "--runs", str(runs)], capture_output=True, text=True, check=True)
-    return summarize(json.loads(done.stdout)["times_ms"])["p50"]
+    argv = native.command(native.build("host"), pte / "model.pte", threads=threads, warmup=5, runs=runs)
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return summarize(native.read_report(done.stdout)["times_ms"])["p50"]
 
 
 def op_profile(work: Path, kind: str, N: int, d_model: int, threads: int) -> dict:

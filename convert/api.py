@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from difftx_edge.convert.bundle import build_bundle
-from difftx_edge.convert.registry import FORMATS, PRECISIONS, get_format
+from difftx_edge.convert.registry import FORMATS, PRECISIONS, FormatSpec, get_format
 from difftx_edge.io import require_input_file, require_output_dir
 
 log = logging.getLogger("difftx_edge.convert")
@@ -198,7 +198,7 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
 
         out_shape = list(reference(example.numpy()).shape)
         meta = {
-            "inputs": [{"name": "x", "shape": list(example.shape), "dtype": _dtype_name(example.dtype, spec.name)}],
+            "inputs": [{"name": "x", "shape": list(example.shape), "dtype": _dtype_name(example.dtype, spec)}],
             "outputs": [{"name": "logits", "shape": out_shape, "dtype": "float32"}],
             "task": {"name": task.name, "objective": task.objective, "metric": task.metric, "seq_len": N,
                      "label_names": info.get("label_names"), "vocab": info.get("vocab"),
@@ -295,7 +295,7 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
 
         out_shape = list(reference(args[0]).shape)
         meta = {"inputs": [{"name": "x", "shape": list(args[0].shape), "dtype": _dtype_name(
-                    torch.from_numpy(args[0]).dtype, spec.name)}],
+                    torch.from_numpy(args[0]).dtype, spec)}],
                 "outputs": [{"name": "output", "shape": out_shape, "dtype": "float32"}],
                 "task": None, "source": source, "versions": versions()}
         return build_bundle(spec, program, precision, out=out, reference=reference, parity_inputs=args,
@@ -358,9 +358,9 @@ def _fit_length(x: torch.Tensor, N: int) -> torch.Tensor:
     return x.repeat(1, reps, *([1] * (x.dim() - 2)))[:, :N].contiguous()
 
 
-def _dtype_name(dtype: torch.dtype, fmt: str) -> str:
+def _dtype_name(dtype: torch.dtype, spec: FormatSpec) -> str:
     name = str(dtype).removeprefix("torch.")
-    return "int32" if fmt == "litert" and name == "int64" else name  # LiteRT takes token ids as int32
+    return spec.token_dtype if name == "int64" else name
 
 
 def _first_line(err: BaseException) -> str:

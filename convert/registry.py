@@ -37,6 +37,7 @@ class FormatSpec:
         reference: with ``check="reference"``, ``reference(artifact, facts) -> run``, where ``run(x)`` is the
             first output for one input batch, evaluated without the runtime.
         reference_name: with ``check="reference"``, what the manifest's ``parity.check`` says checked it.
+        token_dtype: the dtype the artifact takes token ids in (the program's are int64).
     """
 
     name: str
@@ -51,6 +52,7 @@ class FormatSpec:
     artifact_io: Callable | None = None
     reference: Callable | None = None
     reference_name: str | None = None
+    token_dtype: str = "int64"
 
     def __post_init__(self) -> None:
         if self.check not in ("runtime", "reference"):
@@ -83,7 +85,7 @@ FORMATS: dict[str, FormatSpec] = {}
 def register_format(name: str, *, filename: str, precisions: tuple[str, ...], quantizer: str, extra: str,
                     requires: tuple[str, ...], check: str = "runtime", manifest_keys: dict[str, str] | None = None,
                     artifact_io: Callable | None = None, reference: Callable | None = None,
-                    reference_name: str | None = None):
+                    reference_name: str | None = None, token_dtype: str = "int64"):
     """Register ``export(program, path, precision, options) -> dict`` as format ``name``; returns it unchanged.
 
     The keyword arguments are :class:`FormatSpec`'s fields; ``manifest_keys`` maps each key to what it holds.
@@ -92,7 +94,7 @@ def register_format(name: str, *, filename: str, precisions: tuple[str, ...], qu
     def wrap(export: Callable) -> Callable:
         FORMATS[name] = FormatSpec(name, filename, tuple(precisions), quantizer, extra, tuple(requires), check,
                                    export, tuple((manifest_keys or {}).items()), artifact_io, reference,
-                                   reference_name)
+                                   reference_name, token_dtype)
         return export
 
     return wrap

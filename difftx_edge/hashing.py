@@ -1,7 +1,8 @@
 """sha256 of files and folders: the one definition every writer and checker of a hash uses.
 
 Manifests (``artifact_sha256``), quantize's configs (``program_sha256``, the
-run's checkpoint) and the pipeline's records all hash through here, so a hash
+run's checkpoint), the pipeline's records and keys, and the native runner's
+build key all hash through here, so a hash
 written by one is what the other recomputes. Like ``difftx_edge.extras``, this
 module imports nothing beyond the standard library: the device runner's
 zipapp carries it (``runtimes.measure.device_runner``).
@@ -20,6 +21,11 @@ def _update(digest, path: Path) -> None:
     with open(path, "rb") as stream:
         for chunk in iter(lambda: stream.read(_CHUNK), b""):
             digest.update(chunk)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """The sha256 of ``data``, as hex."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -14,13 +14,12 @@ its last finished epoch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 
-from difftx_edge.hashing import sha256_tree
+from difftx_edge.hashing import sha256_bytes, sha256_tree
 from difftx_edge.io import atomic_write_json
 
 # Left out of the keys: paths, which the layout of DIR fixes, and settings that change how fast a stage runs
@@ -34,7 +33,7 @@ def digests(root: Path, names: Iterable[str]) -> dict[str, str]:
 
 
 def key_sha256(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return sha256_bytes(json.dumps(key, sort_keys=True).encode())
 
 
 def settings(cfg, *, leave_out: tuple[str, ...] = UNKEYED) -> dict:

@@ -19,7 +19,6 @@ program's hash: ``load_quantized`` accepts only a complete, consistent set.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import json
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from difftx_edge.extras import versions
-from difftx_edge.hashing import sha256_file
+from difftx_edge.hashing import sha256_bytes, sha256_file
 from difftx_edge.io import require_output_dir
 from difftx_edge.quantize import pt2e
 from difftx_edge.quantize.registry import get_quantizer_spec
@@ -211,7 +210,7 @@ def quantize(cfg: QuantConfig, *, force: bool = False, progress: bool = True) ->
         "qat": qat_info,
         "threads": threads,
         "seconds": timings,
-        "program_sha256": hashlib.sha256(program_bytes).hexdigest(),
+        "program_sha256": sha256_bytes(program_bytes),
     }
     config = {
         "quant": asdict(cfg), "source": source, "backend": {"name": spec.name, "extra": spec.extra,

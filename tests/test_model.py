@@ -86,6 +86,7 @@ LOWERING_CASES = [(kind, causal, n_global) for kind in KINDS for causal in (Fals
                   for n_global in ((0, 2) if kind in ("local", "hybrid") else (0,))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, causal, n_global", LOWERING_CASES)
 def test_every_compute_op_lowers_to_one_xnnpack_subgraph_and_runs(kind, causal, n_global, tmp_path):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

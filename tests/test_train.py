@@ -27,6 +27,7 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_digits_reaches_95_percent_in_a_ci_sized_run(digits_run):
     tmp_path, test = digits_run
     assert test["accuracy"] >= 0.95
@@ -44,6 +45,7 @@ def test_save_load_round_trip_reproduces_the_test_metric(tmp_path):
     assert evaluate(model, task.test.inputs, task.test.targets) == pytest.approx(result)
 
 
+@pytest.mark.slow
 def test_kill_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path):
     flags = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--epochs", "8", "--threads", "1",
              "--dropout", "0.1",  # dropout: the RNG state must resume too
@@ -81,6 +83,7 @@ def test_kill_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert epochs[:8] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path):
     # No dropout: each process draws its own dropout masks, so only the deterministic model can match.
     flags = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--epochs", "2", "--threads", "1",

@@ -11,7 +11,6 @@ Only the standard library and numpy are imported here, so this module also runs 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from difftx_edge.hashing import sha256_file
+from difftx_edge.hashing import sha256_bytes, sha256_file
 
 BINARY = "difftx-et-runner"
 SOURCE = Path(__file__).with_name("runner.cpp")
@@ -203,7 +202,7 @@ def build(arch: str = "host", *, force: bool = False) -> Path:
     compiler_version = subprocess.run([target.compiler, "--version"], capture_output=True, text=True,
                                       check=True).stdout.splitlines()[0]
     parts = [sha256_file(SOURCE), EXECUTORCH_VERSION, arch, compiler_version, *FLAGS, *LIBRARIES]
-    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    key = sha256_bytes("\0".join(parts).encode())[:16]
     final = cache_root() / f"{arch}-{key}"
     if (final / BINARY).is_file() and not force:
         return final

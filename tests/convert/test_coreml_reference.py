@@ -70,6 +70,7 @@ def linear_weight_elements(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True], ids=["classify", "causal-lm"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_fp32_package_matches_eager(kind, causal, tmp_path):
@@ -80,6 +81,7 @@ def test_fp32_package_matches_eager(kind, causal, tmp_path):
     np.testing.assert_allclose(out, ref, rtol=0, atol=FP32_ATOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_fp16_package_matches_eager_within_fp16_rounding(kind, tmp_path):
     model, x = small_model(kind)
@@ -95,6 +97,7 @@ def test_fp16_package_matches_eager_within_fp16_rounding(kind, tmp_path):
     assert set(info["weights"]) == {"fp16"} and info["ops"]["cast"] >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, decompress", [("iOS17", "constexpr_affine_dequantize"),
                                                 ("iOS18", "constexpr_blockwise_shift_scale")])
 def test_int8_weight_package_is_int8_and_close_to_eager(target, decompress, tmp_path):
@@ -123,6 +126,7 @@ def test_int8_weight_package_is_int8_and_close_to_eager(target, decompress, tmp_
     assert error > 1e-6
 
 
+@pytest.mark.slow
 def test_pt2e_int8_package_matches_its_torch_graph(tmp_path):
     from difftx_edge.quantize import get_quantizer_spec, pt2e
 

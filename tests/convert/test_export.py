@@ -81,6 +81,7 @@ def check_bundle(out, fmt: str, precision: str) -> dict:
     return manifest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_fp32_every_format_passes_parity_in_its_runtime(runs, kind, tmp_path):
     export_run(ExportConfig(run=str(runs[kind]), out=str(tmp_path), format="all", precision="fp32",
@@ -105,6 +106,7 @@ def test_fp32_every_format_passes_parity_in_its_runtime(runs, kind, tmp_path):
 INT8_CASES = [(kind, fmt) for kind in KINDS for fmt in sorted(FORMATS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, fmt", INT8_CASES)
 def test_int8_every_format_passes_parity_with_the_converted_model(runs, kind, fmt, tmp_path):
     backend = FORMATS[fmt].quantizer
@@ -140,6 +142,7 @@ def test_int8_every_format_passes_parity_with_the_converted_model(runs, kind, fm
         assert manifest["program"]["inputs"][0]["shape"] == [1, 16, 4]
 
 
+@pytest.mark.slow
 def test_accuracy_is_measured_in_the_runtime(runs, tmp_path):
     (manifest,) = export_run(ExportConfig(run=str(runs["hybrid"]), out=str(tmp_path), format="onnx",
                                           batch=8, threads=2))
@@ -147,6 +150,7 @@ def test_accuracy_is_measured_in_the_runtime(runs, tmp_path):
     assert accuracy["examples"] == 360 and accuracy["artifact"] == pytest.approx(accuracy["pytorch"], abs=0.003)
 
 
+@pytest.mark.slow
 def test_foreign_transformer_encoder_converts_to_every_format(tmp_path):
     class Classifier(nn.Module):
         def __init__(self):
@@ -168,6 +172,7 @@ def test_foreign_transformer_encoder_converts_to_every_format(tmp_path):
         assert check_bundle(tmp_path / "out", fmt, "fp32")["parity"]["max_abs_error"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_manifest_schema_rejects_a_missing_field(runs, tmp_path):
     export_run(ExportConfig(run=str(runs["local"]), out=str(tmp_path), format="onnx", parity_batches=2,
                             accuracy=False, threads=2))
@@ -195,6 +200,7 @@ def one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
     assert needle in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, needle", [
     (["--format", "tensorrt"], "unknown format 'tensorrt'"),
     (["--format", "onnx", "--precision", "fp16"], "format onnx does not support precision fp16"),
@@ -205,6 +211,7 @@ def test_export_bad_arguments(runs, tmp_path, args, needle):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.slow
 def test_export_to_a_file_and_a_missing_int8_program(runs, tmp_path):
     target = tmp_path / "file"
     target.write_text("")
@@ -228,6 +235,7 @@ def test_convert_a_corrupt_pt2(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_convert_names_an_op_no_format_supports(tmp_path):
     class Inverse(nn.Module):
         def forward(self, x):
@@ -251,6 +259,7 @@ def test_formats_lists_every_format_and_its_extra():
         assert f"`{name}`" in done.stdout and f"`{spec.extra}`" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_coreml_fp16_bundle_passes_its_reference_check(runs, kind, tmp_path):
     (manifest,) = export_run(ExportConfig(run=str(runs[kind]), out=str(tmp_path), format="coreml",
@@ -292,6 +301,7 @@ def int8_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_a_failing_format_leaves_the_others_built_and_is_one_line(int8_run, tmp_path, capfd):
     from difftx_edge.cli import main
     from difftx_edge.convert.api import ExportFailed
@@ -364,6 +374,7 @@ def test_convert_reports_each_failing_format_and_exits_1(tmp_path, capfd):
     assert "2 of 2 bundles failed" in lines[2] and (tmp_path / "out.convert.log").is_file()
 
 
+@pytest.mark.slow
 def test_manifests_hold_no_build_paths(int8_run, tmp_path):
     """Manifests ship inside apps: they name the run or .pt2 by name and sha256, never by a path here."""
     (manifest,) = export_run(ExportConfig(run=str(int8_run), out=str(tmp_path / "b"), format="executorch",

@@ -76,6 +76,7 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_the_report_matches_the_json(tiny):
     cfg, out, summary = tiny
     assert statuses(summary) == dict.fromkeys(STAGES, "ran")
@@ -144,6 +145,7 @@ def test_every_stage_runs_and_the_report_matches_the_json(tiny):
     assert describe()["cpu"] in report.split("## Machine")[1]
 
 
+@pytest.mark.slow
 def test_rerun_skips_and_deleting_a_stage_redoes_only_it_and_the_report(tiny):
     cfg, out, _ = tiny
     again = pipeline(cfg, progress=False)
@@ -165,6 +167,7 @@ def test_rerun_skips_and_deleting_a_stage_redoes_only_it_and_the_report(tiny):
     assert units_run(forced) == ["check", "report"]
 
 
+@pytest.mark.slow
 def test_interrupted_training_continues_from_its_state(tiny):
     cfg, out, _ = tiny
     (out / "stages" / "train.json").unlink()  # as if killed after the last epoch, before the record
@@ -173,6 +176,7 @@ def test_interrupted_training_continues_from_its_state(tiny):
     assert "continuing the interrupted training" in (out / "logs" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_failing_stage_is_one_line_naming_it_and_its_log(tiny, capfd):
     cfg, out, _ = tiny
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in TINY.items()]
@@ -202,6 +206,7 @@ def test_a_failing_stage_is_one_line_naming_it_and_its_log(tiny, capfd):
     assert "## Failures" not in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_failing_export_leaves_every_other_unit_done_and_the_report_marks_it(tiny, tmp_path, capfd, monkeypatch):
     """The int8 exports fail parity (our own tolerance made impossible); the fp32 bundles are still exported,
     checked, timed and reported, the command exits 1, and the next run retries exactly the failed units."""

@@ -221,6 +221,7 @@ def quantized(digits_run, tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_qat_from_a_trained_run_stays_within_one_point_of_fp32(quantized, backend):
     report = json.loads((quantized[backend] / "quant_report.json").read_text())
@@ -232,6 +233,7 @@ def test_qat_from_a_trained_run_stays_within_one_point_of_fp32(quantized, backen
     assert report["seconds"]["total"] > 0 and report["int8_weights"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_saved_program_reloads_with_int8_weights_and_same_outputs(quantized, digits_run, backend):
     from difftx_edge.tasks import TaskConfig, load_task
@@ -249,6 +251,7 @@ def test_saved_program_reloads_with_int8_weights_and_same_outputs(quantized, dig
     assert metrics["accuracy"] == pytest.approx(report["test"][report["shipped"]]["accuracy"])
 
 
+@pytest.mark.slow
 def test_saved_program_loads_in_a_fresh_process(quantized):
     # Nothing imported beforehand: load_quantized has to register the quantized ops itself.
     code = ("import sys, torch; from difftx_edge.quantize import load_quantized; "
@@ -260,6 +263,7 @@ def test_saved_program_loads_in_a_fresh_process(quantized):
     assert done.stdout.strip().splitlines()[-1] == "(3, 10)"
 
 
+@pytest.mark.slow
 def test_a_tampered_program_is_refused(quantized, tmp_path):
     import shutil
 
@@ -271,6 +275,7 @@ def test_a_tampered_program_is_refused(quantized, tmp_path):
         load_quantized(copy)
 
 
+@pytest.mark.slow
 def test_ptq_method_writes_a_ptq_program(digits_run, tmp_path):
     run, _ = digits_run
     report = quantize(QuantConfig(run=str(run), out=str(tmp_path), backend="onnx", method="ptq", threads=2),
@@ -330,6 +335,7 @@ def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in last, last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, needle", [
     (["--backend", "tensorrt"], "invalid choice: 'tensorrt'"),
     (["--method", "awq"], "invalid choice: 'awq'"),
@@ -341,6 +347,7 @@ def test_bad_flags(digits_run, tmp_path, args, needle):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_run_without_checkpoint(digits_run, tmp_path):
     run, _ = digits_run
     empty = tmp_path / "empty"
@@ -350,6 +357,7 @@ def test_run_without_checkpoint(digits_run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_missing_backend_extra_names_the_pip_extra(digits_run, tmp_path):
     # A registered backend whose package is absent: the real check, with a module that does not exist.
     QUANTIZERS["absent"] = QuantizerSpec("absent", "absent-extra", ("difftx_edge_no_such_module",), "nowhere",
@@ -362,6 +370,7 @@ def test_missing_backend_extra_names_the_pip_extra(digits_run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_out_holding_another_runs_results_needs_force(quantized, tmp_path):
     import shutil
 
@@ -400,6 +409,7 @@ def every_add_quantizer(qat: bool):
     return EveryAdd()
 
 
+@pytest.mark.slow
 def test_unquantizable_attention_leaves_nothing_behind(digits_run, tmp_path):
     # The model's attention masks hold -inf: a quantizer that observes the mask add must be
     # stopped by name at calibration, and nothing may be written.

@@ -98,6 +98,7 @@ def rehash(bundle: Path) -> None:
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 def test_results_have_every_field_and_a_broken_bundle_is_a_failed_row(bundles, tmp_path):
     broken = tmp_path / "broken-onnx"
     shutil.copytree(bundles["small/onnx-fp32"], broken)
@@ -143,6 +144,7 @@ def test_results_have_every_field_and_a_broken_bundle_is_a_failed_row(bundles, t
     assert "| small/onnx-fp32 | onnx | fp32 | python | local | 16 | 1x16x4 |" in done.stdout
 
 
+@pytest.mark.slow
 def test_quantized_io_is_fed_as_floats_and_scores_as_the_export_measured(bundles, tmp_path):
     """Our int8 .tflite keeps its quantize and dequantize inside (strict QDQ), so it takes and returns float
     like fp32. A .tflite with int8 input and output declares their scales in the manifest; the harness feeds
@@ -160,6 +162,7 @@ def test_quantized_io_is_fed_as_floats_and_scores_as_the_export_measured(bundles
         assert row["accuracy"] == pytest.approx(ours["accuracy"]["artifact"], abs=1 / 360 + 1e-9)
 
 
+@pytest.mark.slow
 def test_peak_memory_is_the_isolated_process_own(bundles, tmp_path):
     """A bundle with larger weights reports a larger peak, by at least its extra weight bytes."""
     results = bench(BenchConfig(bundles=[str(bundles[f"{size}/{fmt}"]) for fmt in ("onnx-fp32", "executorch-fp32")
@@ -174,6 +177,7 @@ def test_peak_memory_is_the_isolated_process_own(bundles, tmp_path):
         assert large["peak_rss_mb"] - small["peak_rss_mb"] >= 0.8 * extra_mb, (fmt, small, large)
 
 
+@pytest.mark.slow
 def test_torch_rows_at_several_lengths(bundles, tmp_path):
     results = bench(BenchConfig(bundles=[str(bundles["run_small"])], seq_lens="8,16,64", runs=3, warmup=0,
                                 out=str(tmp_path)), progress=False)
@@ -197,6 +201,7 @@ def cuda_rows(bundles, tmp_path) -> list[dict]:
 
 # Each machine runs exactly one of the two cases below, and each states what must hold there. CI has no GPU, so
 # there the first one runs: a skip, not conftest.unavailable, which would fail CI for lacking a GPU.
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the case with a GPU runs instead")
 def test_cuda_target_without_a_gpu_refuses_each_row_in_one_line(bundles, tmp_path):
     import onnxruntime as ort
@@ -213,6 +218,7 @@ def test_cuda_target_without_a_gpu_refuses_each_row_in_one_line(bundles, tmp_pat
     assert "p50_ms" not in torch_row and "p50_ms" not in onnx_row
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (CI has none): the case without a "
                                                           "GPU runs instead")
 def test_cuda_target_measures_torch_and_onnxruntime_rows_on_the_gpu(bundles, tmp_path):
@@ -229,6 +235,7 @@ def test_cuda_target_measures_torch_and_onnxruntime_rows_on_the_gpu(bundles, tmp
         assert onnx_row["info"]["providers"][0] == "CUDAExecutionProvider" and onnx_row["runs"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, needle", [
     (["--runs", "5", "--seconds", "2"], "give --runs or --seconds, not both"),
     (["--seq-lens", "16,x"], "bad --seq-lens '16,x'"),
@@ -308,6 +315,7 @@ def ssh_bench(sshd, paths, tmp_path, **options) -> dict:
                              out=str(tmp_path / "ssh"), **options), progress=False)
 
 
+@pytest.mark.slow
 def test_ssh_round_trip_copies_runs_returns_and_cleans_up(bundles, sshd, tmp_path):
     before = set(Path("/tmp").glob("difftx-edge.*"))
     paths = [bundles[f"small/{name}"] for name in ("onnx-fp32", "litert-fp32", "executorch-fp32")]
@@ -322,6 +330,7 @@ def test_ssh_round_trip_copies_runs_returns_and_cleans_up(bundles, sshd, tmp_pat
     assert set(Path("/tmp").glob("difftx-edge.*")) == before  # the board's private directory is gone
 
 
+@pytest.mark.slow
 def test_ssh_paths_never_reach_a_shell(bundles, sshd, tmp_path):
     planted = tmp_path / "planted"
     hostile = tmp_path / f"b; touch {planted} $(touch {planted}) `touch {planted}`"
@@ -331,6 +340,7 @@ def test_ssh_paths_never_reach_a_shell(bundles, sshd, tmp_path):
     assert not planted.exists()
 
 
+@pytest.mark.slow
 def test_ssh_private_directory_is_removed_even_when_a_row_fails(bundles, sshd, tmp_path):
     url, config = sshd
     before = set(Path("/tmp").glob("difftx-edge.*"))
@@ -347,6 +357,7 @@ def test_ssh_private_directory_is_removed_even_when_a_row_fails(bundles, sshd, t
     assert set(Path("/tmp").glob("difftx-edge.*")) == before
 
 
+@pytest.mark.slow
 def test_ssh_board_without_the_runtime_gives_a_row_error(bundles, sshd, tmp_path):
     """A board whose Python has numpy but not onnxruntime: the row says what is missing."""
     import numpy
@@ -360,6 +371,7 @@ def test_ssh_board_without_the_runtime_gives_a_row_error(bundles, sshd, tmp_path
     assert row["status"] == "failed" and "onnxruntime, which is not installed" in row["error"], row["error"]
 
 
+@pytest.mark.slow
 def test_ssh_unreachable_host_and_timeout_are_one_line(bundles, sshd, tmp_path):
     import socket
 
@@ -387,6 +399,7 @@ def crafted(bundle: Path, out: Path, **changes) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_coreml_rows_are_not_run_off_macos_and_are_no_failure(bundles, tmp_path, capfd):
     import platform
 
@@ -406,6 +419,7 @@ def test_coreml_rows_are_not_run_off_macos_and_are_no_failure(bundles, tmp_path,
     assert "| m/coreml-fp32 | coreml | fp32 |" in captured.out and "| not run (macOS only) |" in captured.out
 
 
+@pytest.mark.slow
 def test_rows_name_their_model_and_n_is_a_sequence_length_only(bundles, tmp_path):
     from difftx_edge.runtimes.results import table
 
@@ -423,6 +437,7 @@ def test_rows_name_their_model_and_n_is_a_sequence_length_only(bundles, tmp_path
     assert "| local | - | 1x16x4 |" in lines[4]
 
 
+@pytest.mark.slow
 def test_one_length_per_series_is_a_bar_chart(bundles):
     from difftx_edge.runtimes.results import latency_figure
 
@@ -436,6 +451,7 @@ def test_one_length_per_series_is_a_bar_chart(bundles):
     assert not ax.patches and len(ax.lines) == 2 and ax.get_xscale() == "log"
 
 
+@pytest.mark.slow
 def test_accuracy_finds_the_run_by_its_checkpoint_not_a_path_in_the_manifest(bundles, tmp_path):
     moved = tmp_path / "elsewhere" / "onnx-fp32"  # no run beside it: the manifest holds no path to follow
     shutil.copytree(bundles["small/onnx-fp32"], moved)

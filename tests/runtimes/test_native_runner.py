@@ -126,6 +126,7 @@ def python_runtime(path, batches):
     return [[o.numpy().copy() for o in method.execute([torch.from_numpy(x) for x in batch])] for batch in batches]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tokens", "features", "int8-portable"])
 def test_outputs_equal_the_python_runtime_bit_for_bit(programs, host_build, name):
     path, make = programs[name]
@@ -142,6 +143,7 @@ def test_outputs_equal_the_python_runtime_bit_for_bit(programs, host_build, name
         np.testing.assert_array_equal(got[0], want[0])
 
 
+@pytest.mark.slow
 def test_output_file_holds_each_batch_in_order_then_timing_runs(programs, host_build, tmp_path):
     path, make = programs["tokens"]
     batches = [make(seed) for seed in range(3)]
@@ -153,6 +155,7 @@ def test_output_file_holds_each_batch_in_order_then_timing_runs(programs, host_b
     np.testing.assert_array_equal(written, np.stack([want[0] for want in python_runtime(path, batches)]))
 
 
+@pytest.mark.slow
 def test_measure_reports_times_memory_and_progress(programs, host_build):
     path, _ = programs["tokens"]
     seen = []
@@ -174,6 +177,7 @@ def test_measure_reports_times_memory_and_progress(programs, host_build):
     assert NativeRunner(programs["features"][0], threads=2).measure(warmup=0, runs=1)["threads"] == 2
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_one_line_error(programs, host_build, tmp_path):
     path, _ = programs["tokens"]
     runner = NativeRunner(path)
@@ -198,6 +202,7 @@ def test_bad_input_is_a_one_line_error(programs, host_build, tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"{BINARY}: error: ")
 
 
+@pytest.mark.slow
 def test_build_is_cached_relocatable_and_atomic(programs, host_build, cache, tmp_path, monkeypatch):
     directory, first_build_s = host_build
     assert sorted(p.name for p in directory.iterdir()) == sorted(
@@ -237,6 +242,7 @@ def aarch64_build(cache):
     return directory, time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_aarch64_cross_build_is_all_aarch64(aarch64_build):
     directory, _ = aarch64_build
     names = sorted(p.name for p in directory.iterdir())
@@ -245,6 +251,7 @@ def test_aarch64_cross_build_is_all_aarch64(aarch64_build):
         assert native.elf_machine(directory / name) == 183, name  # EM_AARCH64
 
 
+@pytest.mark.slow
 def test_aarch64_runner_matches_the_python_runtime_under_qemu(programs, aarch64_build, tmp_path):
     qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
     if qemu is None:

@@ -32,6 +32,8 @@ from difftx_edge.runtimes.targets import Job, make_target
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # builds an arm64 board with debootstrap (minutes) and runs every runtime under QEMU
+
 BOARD = Path(__file__).resolve().parents[3] / "benchmarks" / "arm64_board" / "board.sh"
 FORMATS = ("onnx", "litert", "executorch")
 SAMPLES = 6
