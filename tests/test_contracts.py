@@ -1,8 +1,6 @@
 """The plug-in contracts: every registered format, runtime and target holds what its callers read of it.
 
-Each test is parametrized over its registry, so a plug-in added later is held to the same contract. The
-target contract's other half, that Target declares every attribute the harness reads, is
-tests/test_bench.py::test_every_target_has_what_the_harness_reads.
+Each test is parametrized over its registry, so a plug-in added later is held to the same contract.
 """
 
 from __future__ import annotations
@@ -123,3 +121,32 @@ def test_every_command_target_implements_its_hooks(scheme):
         return
     for hook in ("stage", "command", "fetch", "python", "native_dir"):
         assert getattr(cls, hook) is not getattr(CommandTarget, hook), f"{scheme} does not implement {hook}"
+
+
+def test_every_target_has_what_the_harness_reads():
+    """Each attribute the harness reads of a target (``target.x``, or ``target_class(url).x`` before one is
+    made) is declared on Target, and every registered target subclasses it and implements its methods. The adb
+    target once copied the interface by hand, missed ``measures_accuracy``, and --accuracy ended in a traceback."""
+    from difftx_edge.runtimes import bench as harness
+
+    def is_target(node: ast.expr) -> bool:
+        if isinstance(node, ast.Call):
+            return isinstance(node.func, ast.Name) and node.func.id == "target_class"
+        return isinstance(node, ast.Name) and node.id == "target"
+
+    read = {node.attr for node in ast.walk(ast.parse(inspect.getsource(harness)))
+            if isinstance(node, ast.Attribute) and is_target(node.value)}
+    read -= set(dir(dict))  # table() names the results' target dict "target" too: dict methods are the dict's
+    assert {"describe", "run", "device", "runtimes", "measures_accuracy"} <= read
+    declared = set(dir(Target("probe")))  # url and timeout are set by its constructor
+    assert read <= declared, f"the harness reads {sorted(read - declared)}, which Target does not declare"
+
+    assert {"local", "cuda", "ssh", "adb"} <= set(TARGETS)
+    for scheme, cls in TARGETS.items():
+        assert issubclass(cls, Target), scheme
+        for method in ("describe", "run"):
+            assert getattr(cls, method) is not getattr(Target, method), f"{scheme} does not implement {method}"
+        assert isinstance(cls.emulated, bool) and isinstance(cls.measures_accuracy, bool), scheme
+        assert cls.device in ("cpu", "cuda"), scheme
+        assert cls.runtimes is None or set(cls.runtimes) <= set(RUNTIMES), scheme
+        assert "timeout" in inspect.signature(cls).parameters, scheme  # make_target passes --timeout
