@@ -28,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from difftx_edge.hashing import sha256_bytes, sha256_file
-
 BINARY = "difftx-et-runner"
 SOURCE = Path(__file__).with_name("runner.cpp")
 # runner.cpp declares the thread pool API itself (the wheel leaves out its header) as executorch 1.5.1 has it.
@@ -195,6 +193,10 @@ def build(arch: str = "host", *, force: bool = False) -> Path:
         ValueError: the runner cannot be built here (see ``problem``), or the compile failed (one line naming the
             log in the cache).
     """
+    # Imported here, not at the top: importing difftx_edge imports torch, and the rest of this module runs
+    # where torch is absent; building happens on the host, which has it.
+    from difftx_edge.hashing import sha256_bytes, sha256_file
+
     reason = problem(arch)
     if reason:
         raise ValueError(f"cannot build {BINARY} for {arch}: {reason}")

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from difftx_edge.convert.coreml_reference import describe, reference_predict
-from difftx_edge.model import DiffTransformer, ModelConfig
+from difftx_edge.model import ATTENTION, DiffTransformer, ModelConfig
 
-KINDS = ("softmax", "local", "linear", "lowrank", "hybrid")
+KINDS = sorted(ATTENTION)
 # Measured on these models (seed 0, and seeds 1-2 when the tolerances were chosen):
 # fp32 <= 2.5e-7 abs; fp16 <= 1.3e-3 of the largest logit; int8 weights <= 1.1e-2 of it;
 # the PT2E program <= 3 output steps from its torch graph.

@@ -17,11 +17,12 @@ import torch.nn as nn
 
 from difftx_edge.convert import FORMATS, ExportConfig, convert_pt2, export_run
 from difftx_edge.convert.bundle import MANIFEST, validate_manifest
+from difftx_edge.model import ATTENTION
 from difftx_edge.quantize import QuantConfig, quantize
 from difftx_edge.tasks import TaskConfig
 from difftx_edge.train import TrainConfig, train
 
-KINDS = ("softmax", "local", "linear", "lowrank", "hybrid")
+KINDS = sorted(ATTENTION)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from difftx_edge.quantize import QUANTIZERS, QuantConfig, load_quantized, pt2e, 
 from difftx_edge.quantize.registry import QuantizerSpec, get_quantizer_spec, in_float_module
 
 BACKENDS = sorted(QUANTIZERS)
-KINDS = sorted(k for k in ATTENTION if k in ("softmax", "local", "linear", "lowrank", "hybrid"))
+KINDS = sorted(ATTENTION)
 
 
 def small_model(kind: str, causal: bool = False, seed: int = 0) -> DiffTransformer:
@@ -65,8 +65,10 @@ def test_qat_gradients_reach_every_trainable_parameter(backend, data):
     assert not no_grad, f"parameters without gradient: {no_grad}"
 
 
-CASES = [(backend, kind, False) for backend in BACKENDS for kind in KINDS] + \
-        [(backend, kind, True) for backend in BACKENDS for kind in ("hybrid", "linear", "lowrank")]
+# The fast tier keeps one case per backend, the hybrid model (local and linear heads); the rest are slow.
+CASES = [pytest.param(backend, kind, causal, marks=() if (kind, causal) == ("hybrid", False) else pytest.mark.slow)
+         for causal, kinds in ((False, KINDS), (True, ("hybrid", "linear", "lowrank")))
+         for backend in BACKENDS for kind in kinds]
 
 
 @pytest.mark.parametrize("backend, kind, causal", CASES)
@@ -115,7 +117,7 @@ def test_snapped_biases_lie_on_the_int32_grid_the_kernels_store(data):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["hybrid", "lowrank"])
+@pytest.mark.parametrize("kind", ["hybrid", pytest.param("lowrank", marks=pytest.mark.slow)])
 def test_attention_and_layernorm_stay_float_on_every_backend(backend, kind, data):
     """No annotator may quantize inside a float module, even one that ignores module filters (XNNPACK's cat).
 
