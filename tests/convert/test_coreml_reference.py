@@ -145,6 +145,7 @@ def test_pt2e_int8_package_matches_its_torch_graph(tmp_path):
     assert gap <= PT2E_STEPS * step, f"{gap / step:.1f} output steps apart"
 
 
+@pytest.mark.slow
 def test_a_planted_weight_fault_is_caught(tmp_path):
     model, x = small_model("hybrid")
     save_package(model, x, tmp_path / "m.mlpackage")

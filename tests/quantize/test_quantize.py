@@ -116,8 +116,9 @@ def test_snapped_biases_lie_on_the_int32_grid_the_kernels_store(data):
     assert QUANTIZERS["xnnpack"].int32_bias and not QUANTIZERS["coreml"].int32_bias  # Core ML keeps float biases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["hybrid", pytest.param("lowrank", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["hybrid", "lowrank"])
 def test_attention_and_layernorm_stay_float_on_every_backend(backend, kind, data):
     """No annotator may quantize inside a float module, even one that ignores module filters (XNNPACK's cat).
 
@@ -300,6 +301,7 @@ def test_qat_ships_only_when_strictly_better_on_validation(ptq, qat, shipped):
     assert chosen == shipped and reason
 
 
+@pytest.mark.slow
 def test_report_names_the_shipped_program_and_the_program_is_it(tmp_path):
     # A tiny run, so the case is quick; which method wins does not matter, only that the report tells the truth.
     from difftx_edge.tasks import TaskConfig, load_task
