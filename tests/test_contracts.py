@@ -15,6 +15,7 @@ from difftx_edge.convert import FORMATS, PRECISIONS, FormatSpec
 from difftx_edge.convert import bundle as bundle_code
 from difftx_edge.convert.registry import register_format
 from difftx_edge.quantize import QUANTIZERS
+from difftx_edge.quantize.registry import QuantizerSpec
 from difftx_edge.runtimes import RUNTIMES, RuntimeSpec, runtime_for
 from difftx_edge.runtimes.targets import TARGETS, CommandTarget, Target
 
@@ -89,6 +90,21 @@ def test_a_reference_check_comes_with_its_reference():
         register_format("probe", filename="m", precisions=("fp32",), quantizer="xnnpack", extra="x",
                         requires=("x",), check="reference")(export)
     assert "probe" not in FORMATS
+
+
+# Quantizers ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_every_quantizer_has_what_quantize_and_export_read(name):
+    from torchao.quantization.pt2e.quantizer import Quantizer
+
+    spec = QUANTIZERS[name]
+    assert isinstance(spec, QuantizerSpec) and spec.name == name
+    assert spec.extra and spec.requires and isinstance(spec.int32_bias, bool)
+    assert isinstance(spec.runtime, str) and spec.runtime, "it names where its integer kernels run"
+    assert any(fmt.quantizer == name for fmt in FORMATS.values()), "some format converts its programs"
+    assert parameters(spec.build) == ["qat"]
+    for qat in (False, True):
+        assert isinstance(spec.quantizer(qat), Quantizer)
 
 
 # Runtimes -----------------------------------------------------------------------------------------------------------
