@@ -18,8 +18,8 @@ import torch.nn as nn
 
 from difftx_edge.cli import main
 from difftx_edge.convert import convert_pt2
-from difftx_edge.convert.api import _example_args, token_vocab
 from difftx_edge.convert.bundle import MANIFEST
+from difftx_edge.convert.inputs import example_args, token_vocab
 from difftx_edge.hashing import sha256_file
 
 VOCAB = 5
@@ -132,7 +132,7 @@ def test_an_embedding_reached_through_a_cast():
 ], ids=["embedding", "two-embeddings", "table", "counts"])
 def test_random_ids_stay_inside_what_the_program_can_index(model, high, limit):
     program = export(model, ids())
-    args, source = _example_args(program, seed=0, n=16)
+    args, source = example_args(program, seed=0, n=16)
     (drawn,) = source["inputs"].values()
     assert (drawn["high"], drawn["high_from"], drawn["dtype"]) == (high, limit, "int64")
     values = np.stack(args)
@@ -147,18 +147,18 @@ def test_random_inputs_keep_the_input_dtype():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * 2
 
-    args, source = _example_args(export(EmbedConv(), ids()), seed=0, n=1)
+    args, source = example_args(export(EmbedConv(), ids()), seed=0, n=1)
     assert args[0].dtype == np.int64
-    args, source = _example_args(export(Counts(), ids(dtype=torch.int32)), seed=0, n=1)
+    args, source = example_args(export(Counts(), ids(dtype=torch.int32)), seed=0, n=1)
     assert args[0].dtype == np.int32 and source["inputs"]["counts"]["dtype"] == "int32"
-    args, source = _example_args(export(Half(), torch.zeros(2, 3, dtype=torch.float64)), seed=0, n=1)
+    args, source = example_args(export(Half(), torch.zeros(2, 3, dtype=torch.float64)), seed=0, n=1)
     assert args[0].dtype == np.float64 and source == {"from": "random", "seed": 0, "inputs": {
         "x": {"dtype": "float64", "distribution": "standard normal"}}}
 
 
 def test_an_input_numpy_cannot_hold_is_refused_in_one_line():
     with pytest.raises(ValueError, match="not bfloat16: export the model with a float32"):
-        _example_args(export(Affine(), torch.zeros(2, 4, dtype=torch.bfloat16)), seed=0, n=1)
+        example_args(export(Affine(), torch.zeros(2, 4, dtype=torch.bfloat16)), seed=0, n=1)
 
 
 # -----------------------------------------------------------------------------
