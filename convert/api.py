@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from difftx_edge.convert.bundle import build_bundle
+from difftx_edge.convert.inputs import example_args, npz_args
 from difftx_edge.convert.registry import FORMATS, PRECISIONS, FormatSpec, get_format
 from difftx_edge.io import require_input_file, require_output_dir
 
@@ -249,17 +250,28 @@ def _int8_program(quant_dir: Path, batch: int):
 
 def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = "all", precision: str = "fp32",
                 deployment_target: str = "iOS17", parity_batches: int = 8, threads: int = 1,
-                seed: int = 0, on_result: OnResult | None = None, quiet: Quiet | None = None) -> list[dict]:
-    """Convert any model saved with ``torch.export.save`` to bundles, checked on random inputs.
+                seed: int = 0, inputs: str | os.PathLike | None = None, on_result: OnResult | None = None,
+                quiet: Quiet | None = None) -> list[dict]:
+    """Convert any model saved with ``torch.export.save`` to bundles, checked on example inputs.
 
     A format that fails (an op it cannot lower, its toolchain, parity) never
     stops the others; ``on_result`` and ``quiet`` are as in :func:`export_run`.
 
+    Args:
+        inputs: an ``.npz`` of real parity inputs, or None for random ones. It holds one array per program
+            input, named after it (the input's name in the exported graph, e.g. ``x`` for ``forward(self, x)``;
+            no other names), of shape ``(samples, *input shape)``: each sample is one call of the program with
+            its example shape. The first ``parity_batches`` samples are checked. Random inputs follow each
+            input's dtype: floats from a standard normal, integer ids below the smallest vocabulary of the
+            embeddings they index (else in [0, 16) and below any other index bound the program shows).
+        seed: the seed of the random inputs.
+
     Returns:
-        The manifests written.
+        The manifests written. Each records where its parity inputs came from under ``parity_inputs``.
 
     Raises:
-        ValueError: before anything is built: a corrupt file, a missing extra, a bad format or precision.
+        ValueError: before anything is built: a corrupt file, a missing extra, a bad format or precision,
+            an ``inputs`` file that does not fit the program (named, with what to give instead).
         ExportFailed: (a ValueError) after every format was tried, when any failed: an unsupported op
             (named), a toolchain error or a parity failure, one line each.
     """
@@ -267,6 +279,8 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
     from difftx_edge.hashing import sha256_file
 
     path = require_input_file(path, "model", "give a file written by torch.export.save")
+    if inputs is not None:
+        inputs = require_input_file(inputs, "inputs", "give an .npz written by numpy.savez")
     out = require_output_dir(out)
     specs = [get_format(name) for name in parse_formats(formats)]
     for spec in specs:
@@ -279,7 +293,10 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
     from difftx_edge.untrusted import load_exported_program
 
     program = load_exported_program(path)  # never torch.export.load: it can unpickle, and so run, the file's code
-    args = _example_args(program, seed, parity_batches)
+    if inputs is None:
+        args, parity_source = example_args(program, seed, parity_batches)
+    else:
+        args, parity_source = npz_args(program, inputs, parity_batches)
     module = program.module()
     specs_by_name = {spec.name: spec for spec in specs}
     # The file's name only: manifests ship inside apps; the sha256 identifies the program.
@@ -297,7 +314,7 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
         meta = {"inputs": [{"name": "x", "shape": list(args[0].shape), "dtype": _dtype_name(
                     torch.from_numpy(args[0]).dtype, spec)}],
                 "outputs": [{"name": "output", "shape": out_shape, "dtype": "float32"}],
-                "task": None, "source": source, "versions": versions()}
+                "task": None, "source": source, "parity_inputs": parity_source, "versions": versions()}
         return build_bundle(spec, program, precision, out=out, reference=reference, parity_inputs=args,
                             output_step=None, meta=meta, threads=threads,
                             options={"example": (torch.from_numpy(args[0]),), "deployment_target": deployment_target})
@@ -332,22 +349,6 @@ def _outside_core_aten(program) -> list[str]:
            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)}
     return sorted(f"{op.namespace}.{op._opname}" for op in ops
                   if op.namespace == "aten" and torch.Tag.core not in op.tags)
-
-
-def _example_args(program, seed: int, n: int) -> list[np.ndarray]:
-    user_inputs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-    if len(user_inputs) != 1:
-        raise ValueError(f"convert supports programs with one tensor input, this one has {len(user_inputs)}")
-    nodes = [n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0].arg.name]
-    fake = nodes[0].meta.get("val") if len(nodes) == 1 else None
-    if not isinstance(fake, torch.Tensor):
-        raise ValueError(f"convert supports programs with one tensor input; this one's input is "
-                         f"{type(fake).__name__}: export the model with a tensor example input")
-    shape = [int(d) for d in fake.shape]  # a dynamic dimension uses its export-time hint
-    rng = np.random.default_rng(seed)
-    if fake.dtype.is_floating_point:
-        return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
-    return [rng.integers(0, 16, shape).astype(np.int64) for _ in range(n)]
 
 
 def _fit_length(x: torch.Tensor, N: int) -> torch.Tensor:

@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True)
     convert.add_argument("--deployment-target", default="iOS17")
     convert.add_argument("--threads", type=int, default=1)
+    convert.add_argument("--inputs", default=None, metavar="FILE.npz",
+                         help="real parity inputs instead of random ones: an .npz with one array per program input, "
+                              "named after it (e.g. x for forward(self, x)), of shape (S, *input shape), S samples "
+                              "of the program's example shape; the first 8 are checked")
     convert.set_defaults(handler=_convert)
 
     from difftx_edge.runtimes.bench import RUNNERS, BenchConfig
@@ -205,7 +209,8 @@ def _convert(args: argparse.Namespace) -> int:
     from difftx_edge.quiet import build_quietly
 
     return build_quietly("convert", args.out, lambda **hooks: convert_pt2(
-        args.model, args.out, args.format, args.precision, args.deployment_target, threads=args.threads, **hooks),
+        args.model, args.out, args.format, args.precision, args.deployment_target, threads=args.threads,
+        inputs=args.inputs, **hooks),
         lambda manifest: _bundle_line(args.out, manifest))
 
 

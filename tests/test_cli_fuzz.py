@@ -44,7 +44,8 @@ class World:
 
     root: Path
     run: Path  # a digits run trained for one epoch
-    pt2: Path  # torch.export.save of a small Linear model
+    pt2: Path  # torch.export.save of a small Linear model, input x of shape (2, 4)
+    tokens_pt2: Path  # torch.export.save of a 5-token embedding model, input tokens of shape (2, 6)
     bundle: Path  # an ONNX fp32 bundle exported from ``run``
 
 
@@ -55,6 +56,15 @@ class _Tiny(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
+
+
+class _Tokens(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.emb(tokens).mean(1)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +78,11 @@ def world(tmp_path_factory) -> World:
     train(TrainConfig(out=str(run), epochs=1, threads=1), TaskConfig("digits"), TINY, progress=False)
     pt2 = root / "tiny.pt2"
     torch.export.save(torch.export.export(_Tiny().eval(), (torch.zeros(2, 4),)), pt2)
+    tokens_pt2 = root / "tokens.pt2"
+    torch.export.save(torch.export.export(_Tokens().eval(), (torch.zeros(2, 6, dtype=torch.long),)), tokens_pt2)
     export_run(ExportConfig(run=str(run), out=str(root / "bundles"), format="onnx", parity_batches=1,
                             accuracy=False, threads=1))
-    return World(root, run, pt2, root / "bundles" / "onnx-fp32")
+    return World(root, run, pt2, tokens_pt2, root / "bundles" / "onnx-fp32")
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +232,20 @@ def hostile_pt2(ctx: Ctx) -> str:
 
 def hostile_weights_pt2(ctx: Ctx) -> str:
     return ctx.write("evil.pt2", pt2_with(ctx.world, {"weights/weight_0": pickle_payload(ctx.marker())}))
+
+
+def hostile_npz(ctx: Ctx) -> str:
+    """An .npz whose object array, if unpickled, creates the marker."""
+    class Payload:
+        def __reduce__(self):
+            return open, (str(ctx.marker()), "w")
+
+    return ctx.npz(x=np.array([Payload()], dtype=object))
+
+
+def C(ctx: Ctx, *args: str, model: str = "pt2") -> list[str]:
+    """``convert`` of a shared .pt2 (``pt2``: floats x (2, 4); ``tokens_pt2``: 5 token ids (2, 6))."""
+    return ["convert", str(getattr(ctx.world, model)), "--out", ctx.p("b"), "--format", "onnx", *args]
 
 
 def quantized_dir(ctx: Ctx, program: bytes) -> str:
@@ -527,6 +553,24 @@ CASES = [
     Case("convert-out-in-read-only-folder", lambda c: ["convert", str(c.world.pt2), "--out", in_dir_mode(c, 0o500)],
          ("cannot be created",), marks=[as_root]),
     Case("convert-missing-out", lambda c: ["convert", str(c.world.pt2)], ("--out",)),
+    # --inputs: real parity inputs, one array per program input named after it, shape (samples, *input shape).
+    Case("convert-inputs-missing", lambda c: C(c, "--inputs", c.p("none.npz")), ("inputs", "does not exist")),
+    Case("convert-inputs-not-npz", lambda c: C(c, "--inputs", c.write("x.npz", "x = 1\n")), ("not an .npz",)),
+    Case("convert-inputs-object-array", lambda c: C(c, "--inputs", c.npz(x=np.array([None, 1], dtype=object))),
+         ("plain arrays",)),
+    Case("convert-inputs-pickle", lambda c: C(c, "--inputs", hostile_npz(c)), ("plain arrays",)),
+    Case("convert-inputs-unknown-name", lambda c: C(c, "--inputs", c.npz(x=np.zeros((1, 2, 4)), y=np.zeros(1))),
+         ("'y' is not an input",)),
+    Case("convert-inputs-input-not-given", lambda c: C(c, "--inputs", c.npz()), ("no array 'x'",)),
+    Case("convert-inputs-ints-for-floats", lambda c: C(c, "--inputs", c.npz(x=np.zeros((1, 2, 4), np.int64))),
+         ("give float values",)),
+    Case("convert-inputs-floats-for-tokens", lambda c: C(c, "--inputs", c.npz(tokens=np.zeros((1, 2, 6))),
+                                                         model="tokens_pt2"), ("give integer values",)),
+    Case("convert-inputs-wrong-shape", lambda c: C(c, "--inputs", c.npz(x=np.zeros((2, 4)))), ("(S, 2, 4)",)),
+    Case("convert-inputs-nan", lambda c: C(c, "--inputs", c.npz(x=np.full((1, 2, 4), np.nan))), ("NaN",)),
+    Case("convert-inputs-inf", lambda c: C(c, "--inputs", c.npz(x=np.full((1, 2, 4), np.inf))), ("inf",)),
+    Case("convert-inputs-id-past-vocabulary", lambda c: C(c, "--inputs", c.npz(tokens=np.full((1, 2, 6), 5)),
+                                                          model="tokens_pt2"), ("embedding of 5 rows", "0..4")),
 
     # --- bench
     Case("bench-missing-path", lambda c: ["bench", c.p("none"), "--out", c.p("r"), "--no-plots"]),

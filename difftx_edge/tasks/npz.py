@@ -25,9 +25,16 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def _read(path: Path) -> dict[str, np.ndarray]:
-    """Reads every array of the archive without ever unpickling."""
-    fix = "write it with numpy.savez(path, labels=..., tokens=... or features=...)"
+def read_arrays(path: Path, fix: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``, read without ever unpickling.
+
+    Args:
+        path: an existing file, which may be hostile.
+        fix: how to write the file right, for the messages: ``"write it with numpy.savez(path, x=...)"``.
+
+    Raises:
+        ValueError: one line: not an .npz, unreadable, too large unpacked, or holding object arrays.
+    """
     with path.open("rb") as f:
         head = f.read(6)
     # Checked up front: np.load would treat other files as pickles, and its
@@ -130,7 +137,7 @@ def load_npz(cfg: TaskConfig) -> TaskData:
     path = Path(cfg.data)
     if not path.is_file():
         raise ValueError(f"npz data {path} does not exist; pass the path of a .npz file")
-    arrays = _read(path)
+    arrays = read_arrays(path, "write it with numpy.savez(path, labels=..., tokens=... or features=...)")
     if "labels" not in arrays:
         raise ValueError(f"{path} has no 'labels' array (found: {', '.join(sorted(arrays)) or 'nothing'})")
     labels = arrays["labels"]
