@@ -19,6 +19,13 @@ from difftx_edge.quantize import QUANTIZERS, QuantConfig, load_quantized, pt2e, 
 from difftx_edge.quantize.registry import QuantizerSpec, get_quantizer_spec, in_float_module
 
 BACKENDS = sorted(QUANTIZERS)
+
+
+def one_backend_fast(backends, fast: str = "onnx") -> list:
+    """Every backend, the fast tier (``-m "not slow"``) running only ``fast``: a property checked per backend
+    in the full suite, and once in the inner loop (the quickest backend to quantize)."""
+    return [pytest.param(b, marks=() if b == fast else pytest.mark.slow) for b in backends]
+
 KINDS = sorted(ATTENTION)
 
 
@@ -53,7 +60,7 @@ def data():
     return torch.randn(64, 16, 4), torch.randint(0, 10, (64,))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", one_backend_fast(BACKENDS))
 def test_qat_gradients_reach_every_trainable_parameter(backend, data):
     x, y = data
     model = small_model("hybrid")
@@ -148,7 +155,7 @@ def test_attention_and_layernorm_stay_float_on_every_backend(backend, kind, data
     assert "aten.cat" not in pt2e.op_table(pt2e.convert(prepared))["integer"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", one_backend_fast(BACKENDS))
 def test_converted_linear_weights_are_int8_per_channel(backend, data):
     x, _ = data
     prepared = qat_prepared(small_model("hybrid"), backend, x)
@@ -165,7 +172,7 @@ def test_converted_linear_weights_are_int8_per_channel(backend, data):
     assert pt2e.int8_weight_count(converted) >= sum(w["shape"][0] * w["shape"][1] for w in weights)
 
 
-@pytest.mark.parametrize("backend", ["litert", "onnx", "xnnpack"])
+@pytest.mark.parametrize("backend", one_backend_fast(["litert", "onnx", "xnnpack"]))
 def test_position_table_and_lowrank_projections_are_stored_int8(backend, data):
     """They grow with max_len: in float they were most of an int8 .tflite or .onnx at N=1024."""
     x, y = data
