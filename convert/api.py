@@ -204,6 +204,7 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
             "task": {"name": task.name, "objective": task.objective, "metric": task.metric, "seq_len": N,
                      "label_names": info.get("label_names"), "vocab": info.get("vocab"),
                      "input_kind": "tokens" if model.cfg.vocab_size is not None else "features"},
+            "preprocessing": task.preprocessing or None,
             "model": run_config["model"], "source": source, "versions": versions(),
             # RUN/int8/<backend> by convention: the last two folder names say which program, without the path.
             "quantized_from": f"{quant_dir.parent.name}/{quant_dir.name}" if quant_dir else None,
@@ -250,8 +251,8 @@ def _int8_program(quant_dir: Path, batch: int):
 
 def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = "all", precision: str = "fp32",
                 deployment_target: str = "iOS17", parity_batches: int = 8, threads: int = 1,
-                seed: int = 0, inputs: str | os.PathLike | None = None, on_result: OnResult | None = None,
-                quiet: Quiet | None = None) -> list[dict]:
+                seed: int = 0, inputs: str | os.PathLike | None = None, preprocess_note: str | None = None,
+                on_result: OnResult | None = None, quiet: Quiet | None = None) -> list[dict]:
     """Convert any model saved with ``torch.export.save`` to bundles, checked on example inputs.
 
     A format that fails (an op it cannot lower, its toolchain, parity) never
@@ -265,6 +266,8 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
             input's dtype: floats from a standard normal, integer ids below the smallest vocabulary of the
             embeddings they index (else in [0, 16) and below any other index bound the program shows).
         seed: the seed of the random inputs.
+        preprocess_note: how an app turns its raw input into the program's input, in words; the manifest
+            carries it as ``preprocessing`` (None when not given: difftx-edge cannot know it).
 
     Returns:
         The manifests written. Each records where its parity inputs came from under ``parity_inputs``.
@@ -279,6 +282,9 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
     from difftx_edge.hashing import sha256_file
 
     path = require_input_file(path, "model", "give a file written by torch.export.save")
+    if preprocess_note is not None and not preprocess_note.strip():
+        raise ValueError("--preprocess-note is empty: say how an app turns its raw input into the model's input, "
+                         "or leave the flag out")
     if inputs is not None:
         inputs = require_input_file(inputs, "inputs", "give an .npz written by numpy.savez")
     out = require_output_dir(out)
@@ -314,7 +320,8 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
         meta = {"inputs": [{"name": "x", "shape": list(args[0].shape), "dtype": _dtype_name(
                     torch.from_numpy(args[0]).dtype, spec)}],
                 "outputs": [{"name": "output", "shape": out_shape, "dtype": "float32"}],
-                "task": None, "source": source, "parity_inputs": parity_source, "versions": versions()}
+                "task": None, "preprocessing": preprocess_note, "source": source, "parity_inputs": parity_source,
+                "versions": versions()}
         return build_bundle(spec, program, precision, out=out, reference=reference, parity_inputs=args,
                             output_step=None, meta=meta, threads=threads,
                             options={"example": (torch.from_numpy(args[0]),), "deployment_target": deployment_target})

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="real parity inputs instead of random ones: an .npz with one array per program input, "
                               "named after it (e.g. x for forward(self, x)), of shape (S, *input shape), S samples "
                               "of the program's example shape; the first 8 are checked")
+    convert.add_argument("--preprocess-note", default=None, metavar="TEXT",
+                         help="how an app turns its raw input into the model's input (scaling, layout, "
+                              "tokenizer); each manifest carries it as preprocessing")
     convert.set_defaults(handler=_convert)
 
     from difftx_edge.runtimes.bench import RUNNERS, BenchConfig
@@ -210,7 +213,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     return build_quietly("convert", args.out, lambda **hooks: convert_pt2(
         args.model, args.out, args.format, args.precision, args.deployment_target, threads=args.threads,
-        inputs=args.inputs, **hooks),
+        inputs=args.inputs, preprocess_note=args.preprocess_note, **hooks),
         lambda manifest: _bundle_line(args.out, manifest))
 
 

@@ -103,6 +103,9 @@ class TaskData:
             (digits: shifts of the image by at most one pixel). Training
             applies it when ``TrainConfig.augment`` is on; it never touches
             the validation or test split.
+        preprocessing: How an app turns its raw input into the model's
+            input, in words precise enough to code from; every bundle's
+            manifest carries it (``preprocessing``).
     """
 
     name: str
@@ -118,6 +121,7 @@ class TaskData:
     vocab: list[str] | None
     metric: str
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    preprocessing: str = ""
 
     def to_dict(self) -> dict:
         """Returns the JSON-serialisable metadata (no tensors)."""
@@ -131,6 +135,7 @@ class TaskData:
             "label_names": list(self.label_names),
             "vocab": None if self.vocab is None else list(self.vocab),
             "metric": self.metric,
+            "preprocessing": self.preprocessing,
             "split_sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
         }
 

@@ -14,6 +14,11 @@ _VAL_FRACTION = 0.1
 _TEST_FRACTION = 0.2
 
 
+PREPROCESSING = ("an 8x8 grayscale image with pixel values 0..16 (scikit-learn's load_digits; 0 is the background), "
+                 "each divided by 16.0, cut into 16 patches of 2x2 pixels in row-major order: patch 4*i+j holds "
+                 "pixels [2i, 2j], [2i, 2j+1], [2i+1, 2j], [2i+1, 2j+1]; input [batch, 16, 4] float32")
+
+
 def image_patches(images: np.ndarray) -> np.ndarray:
     """Cuts 8x8 images into 16 row-major 2x2 patches.
 
@@ -114,4 +119,5 @@ def load_digits_task(cfg: TaskConfig) -> TaskData:
         vocab=None,
         metric="accuracy",
         augment=shift_images,
+        preprocessing=PREPROCESSING,
     )

@@ -184,6 +184,9 @@ def load_listops(cfg: TaskConfig) -> TaskData:
         for part, n in sizes.items()
     }
     return TaskData(
+        preprocessing="a ListOps expression as tokens in prefix order, each mapped to its id by task.vocab "
+                      "(digits 0-9 are ids 1-10; '[MIN', '[MAX', '[MED', '[SM' and ']' follow), right-padded with "
+                      "id 0 (<pad>) to seq_len; input [batch, seq_len] of token ids",
         name="listops",
         objective="classify",
         train=splits["train"],

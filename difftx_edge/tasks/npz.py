@@ -162,6 +162,8 @@ def load_npz(cfg: TaskConfig) -> TaskData:
     is_tokens = inputs.dtype == np.int64
     vocab_size = int(inputs.max()) + 1 if is_tokens else None
     return TaskData(
+        preprocessing="as the rows of the user's .npz were made (difftx-edge does not know how): give the model "
+                      "inputs of the same kind, scale and shape",
         name="npz",
         objective="classify",
         train=split(order[2 * n_eval :]),

@@ -159,6 +159,8 @@ def load_text(cfg: TaskConfig) -> TaskData:
                                   np.random.default_rng([cfg.seed, index]))
               for index, part_name in enumerate(_SPLIT_ENDS)}
     return TaskData(
+        preprocessing="the text's bytes (UTF-8 for text), each byte one token id 0..255 (task.vocab names each); "
+                      "the model predicts the next byte at every position; input [batch, seq_len] of token ids",
         name="text",
         objective="lm",
         train=splits["train"],

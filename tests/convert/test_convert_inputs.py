@@ -167,6 +167,7 @@ def test_an_input_numpy_cannot_hold_is_refused_in_one_line():
 
 def test_a_five_token_model_converts_on_random_inputs(token_pt2, tmp_path):
     (manifest,) = convert_pt2(token_pt2, tmp_path / "random", "onnx", threads=1, parity_batches=2)
+    assert manifest["preprocessing"] is None  # not given: difftx-edge cannot know how the inputs were made
     assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_error"] <= 1e-4
     assert manifest["parity_inputs"] == {"from": "random", "seed": 0, "inputs": {
         "tokens": {"dtype": "int64", "low": 0, "high": VOCAB, "high_from": "embedding"}}}
@@ -175,8 +176,10 @@ def test_a_five_token_model_converts_on_random_inputs(token_pt2, tmp_path):
 def test_given_inputs_are_the_parity_inputs_and_the_manifest_says_so(token_pt2, tmp_path):
     samples = np.random.default_rng(1).integers(0, VOCAB, (3, *TOKENS)).astype(np.int32)  # cast to the int64 input
     np.savez(tmp_path / "real.npz", tokens=samples)
+    note = "one id per word of a 5-word vocabulary, left-aligned, 6 per row"
     (manifest,) = convert_pt2(token_pt2, tmp_path / "given", "onnx", threads=1, parity_batches=8,
-                              inputs=tmp_path / "real.npz")
+                              inputs=tmp_path / "real.npz", preprocess_note=note)
+    assert manifest["preprocessing"] == note
     assert manifest["parity"]["passed"] and manifest["parity"]["samples"] == 3 * TOKENS[0]
     assert manifest["parity_inputs"] == {"from": "npz", "file": "real.npz",
                                          "sha256": sha256_file(tmp_path / "real.npz"), "samples": 3}
@@ -237,6 +240,15 @@ BAD = {
                                ("ids from 0 to 5", "embedding of 5 rows", "0..4")),
     "negative-id": ("tokens", lambda tmp: _write(tmp / "m.npz", tokens=_tokens(low=-1)), ("ids from -1",)),
 }
+
+
+def test_an_empty_preprocess_note_is_one_line_exit_2_and_writes_nothing(token_pt2, tmp_path, capfd):
+    capfd.readouterr()
+    code = main(["convert", str(token_pt2), "--format", "onnx", "--out", str(tmp_path / "out"),
+                 "--preprocess-note", "  "])
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--preprocess-note is empty" in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", sorted(BAD))

@@ -20,6 +20,7 @@ from difftx_edge.convert.bundle import MANIFEST, validate_manifest
 from difftx_edge.model import ATTENTION
 from difftx_edge.quantize import QuantConfig, quantize
 from difftx_edge.tasks import TaskConfig
+from difftx_edge.tasks.digits import PREPROCESSING as DIGITS_PREPROCESSING
 from difftx_edge.train import TrainConfig, train
 
 KINDS = sorted(ATTENTION)
@@ -92,6 +93,7 @@ def test_fp32_every_format_passes_parity_in_its_runtime(runs, kind, tmp_path):
         assert manifest["parity"]["max_abs_error"] <= 1e-4
         assert manifest["inputs"][0]["shape"] == [1, 16, 4] and manifest["outputs"][0]["shape"] == [1, 10]
         assert manifest["task"]["label_names"] == [str(d) for d in range(10)]
+        assert manifest["preprocessing"] == DIGITS_PREPROCESSING  # what docs/deploy.md codes from
     et = json.loads((tmp_path / "executorch-fp32" / MANIFEST).read_text())["delegation"]
     # Everything in one XNNPACK subgraph (digits has float features, so no embedding lookup either).
     assert et["partitions"] == 1 and et["delegated_ops"] == et["total_ops"] and not et["undelegated"]

@@ -151,6 +151,33 @@ def test_digits_patches_match_the_raw_image(digits: TaskData) -> None:
     assert int(digits.train.targets[0]) in raw.target[matches]
 
 
+def test_digits_preprocessing_as_the_app_guide_codes_it_gives_the_task_inputs(digits: TaskData) -> None:
+    """docs/deploy.md's Kotlin loop, line for line, on every image: the manifest's words are the truth."""
+    from sklearn.datasets import load_digits
+
+    from difftx_edge.tasks.digits import PREPROCESSING, image_patches
+
+    pixels = load_digits().images.reshape(-1, 64).astype(int)  # 0..16, row-major 8x8
+    app = np.zeros((len(pixels), 16 * 4), dtype=np.float32)
+    for i in range(4):
+        for j in range(4):
+            patch = 4 * i + j
+            for r in range(2):
+                for c in range(2):
+                    app[:, patch * 4 + 2 * r + c] = pixels[:, (2 * i + r) * 8 + (2 * j + c)] / 16.0
+    task_inputs = image_patches(load_digits().images).astype(np.float32) / 16.0
+    np.testing.assert_array_equal(app.reshape(-1, 16, 4), task_inputs)
+    assert digits.preprocessing == PREPROCESSING and digits.to_dict()["preprocessing"] == PREPROCESSING
+    for words in ("divided by 16.0", "patch 4*i+j holds pixels [2i, 2j], [2i, 2j+1], [2i+1, 2j], [2i+1, 2j+1]",
+                  "[batch, 16, 4] float32"):
+        assert words in PREPROCESSING
+
+
+@pytest.mark.parametrize("name", sorted(set(TASKS) - {"npz"}))  # npz needs a user file
+def test_every_builtin_task_says_how_its_inputs_are_made(name: str) -> None:
+    assert "input [batch, " in load_task(TaskConfig(name, **({"seq_len": 32} if name == "text" else {}))).preprocessing
+
+
 # ---------------------------------------------------------------- listops
 
 _OPS = {
