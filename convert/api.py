@@ -291,19 +291,20 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
     specs = [get_format(name) for name in parse_formats(formats)]
     for spec in specs:
         spec.require(precision)
-    if precision == "int8":
-        raise ValueError("convert takes a float program; int8 comes from difftx-edge quantize and export")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a readable torch.export file (not a .pt2 archive): re-save it with "
                          "torch.export.save")
     from difftx_edge.untrusted import load_exported_program
 
     program = load_exported_program(path)  # never torch.export.load: it can unpickle, and so run, the file's code
+    module = program.module()
+    precision, step = _program_precision(module, precision)
+    for spec in specs:
+        spec.require(precision)  # again: a quantized program converts at int8, whatever was asked
     if inputs is None:
         args, parity_source = example_args(program, seed, parity_batches)
     else:
         args, parity_source = npz_args(program, inputs, parity_batches)
-    module = program.module()
     specs_by_name = {spec.name: spec for spec in specs}
     # The file's name only: manifests ship inside apps; the sha256 identifies the program.
     source = {"pt2": path.name, "sha256": sha256_file(path)}
@@ -323,13 +324,41 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
                 "task": None, "preprocessing": preprocess_note, "source": source, "parity_inputs": parity_source,
                 "versions": versions()}
         return build_bundle(spec, program, precision, out=out, reference=reference, parity_inputs=args,
-                            output_step=None, meta=meta, threads=threads,
+                            output_step=step, meta=meta, threads=threads,
                             options={"example": (torch.from_numpy(args[0]),), "deployment_target": deployment_target})
 
     # A toolchain's failure becomes one line, naming the op where it can.
     return _each_format([f"{spec.name}-{precision}" for spec in specs], build,
                         lambda name, err: _conversion_failure(name.rsplit("-", 1)[0], path.name, err, program),
                         on_result=on_result, quiet=quiet)
+
+
+def _program_precision(module: torch.fx.GraphModule, asked: str) -> tuple[str, float | None]:
+    """The precision a program converts at, and its int8 output step: a program quantized already with PT2E
+    (quantize and dequantize ops in its graph) is int8, its parity counted in output steps like export's.
+
+    Raises:
+        ValueError: int8 asked of a float program, fp16 of a quantized one, or a quantized program whose
+            output has no step to count parity in.
+    """
+    from difftx_edge.quantize.pt2e import is_quantized, output_step
+
+    if not is_quantized(module):
+        if asked == "int8":
+            raise ValueError("this program is not quantized: convert --precision int8 takes a program quantized "
+                             "with PT2E (prepare_pt2e, calibrate, convert_pt2e, then torch.export.save); "
+                             "quantizing a float .pt2 in convert is not built yet; for difftx-edge's own models "
+                             "use difftx-edge quantize, then export --precision int8")
+        return asked, None
+    if asked == "fp16":
+        raise ValueError("this program is quantized already (it holds PT2E quantize/dequantize ops): convert it "
+                         "as int8 (--precision int8, or leave --precision out), not fp16")
+    step = output_step(module)
+    if step is None:
+        raise ValueError("this program is quantized, but its output does not come straight from a per-tensor "
+                         "dequantize, so int8 parity has no output step to count in: let the quantizer quantize "
+                         "the output too (the backend quantizers do by default) and save it again")
+    return "int8", step
 
 
 def _conversion_failure(fmt: str, name: str, err: BaseException, program) -> str:

@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert = verbs.add_parser("convert", help="convert any torch.export.save file to bundles, checked in each runtime")
     convert.add_argument("model", help="a .pt2 file written by torch.export.save")
     convert.add_argument("--format", default="all", help="comma-separated formats, or all")
-    convert.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    convert.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+                         help="a program quantized already with PT2E converts as int8 whatever the default says; "
+                              "int8 of a float program is refused (not built yet)")
     convert.add_argument("--out", required=True)
     convert.add_argument("--deployment-target", default="iOS17")
     convert.add_argument("--threads", type=int, default=1)

@@ -315,6 +315,11 @@ def _constants(graph: torch.fx.GraphModule):
             yield value
 
 
+def is_quantized(graph: torch.fx.GraphModule) -> bool:
+    """Whether ``graph`` holds PT2E quantize or dequantize ops: a program quantized already."""
+    return any(_is_quant(node, "quantize") or _is_quant(node, "dequantize") for node in graph.graph.nodes)
+
+
 def output_step(graph: torch.fx.GraphModule) -> float | None:
     """The scale of the quantized output, when the graph's output comes straight from a dequantize."""
     (out,) = [n for n in graph.graph.nodes if n.op == "output"]
