@@ -123,8 +123,16 @@ def mobilenet(image_size: int = 96, depth_multiplier: float = 0.35, classes: int
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 
     config = MobileNetV2Config(image_size=image_size, depth_multiplier=depth_multiplier, num_labels=classes)
+    model = MobileNetV2ForImageClassification(config)
+    # HF initializes every conv with std 0.02 (its pretrained weights replace them): through 50-odd convs the
+    # activations vanish and the logits come out near 1e-24, which makes parity vacuous and leaves int8 nothing
+    # to quantize. He initialization (fan in) keeps the logits of order 1, as trained weights would.
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in",
+                                    nonlinearity="relu" if isinstance(module, nn.Conv2d) else "linear")
     x = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    return Logits(MobileNetV2ForImageClassification(config)).eval(), x
+    return Logits(model).eval(), x
 
 
 def gru(hidden: int = 64, seq_len: int = 64, vocab: int = 5, classes: int = 4, cell: str = "gru"):
