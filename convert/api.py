@@ -383,7 +383,7 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
                            for input_name, x in zip(names, args[0], strict=True)],
                 "outputs": [{"name": "output", "shape": out_shape, "dtype": "float32"}],
                 "task": None, "preprocessing": preprocess_note, "source": source, "parity_inputs": parity_source,
-                "versions": versions()}
+                "versions": versions(), "quantization": None}  # int8 quantized here: report() fills it in
         return build_bundle(spec, converted, precision, out=out, reference=reference, parity_inputs=args,
                             output_step=output_step, meta=meta, threads=threads, report=report,
                             options={"example": tuple(torch.from_numpy(x) for x in args[0]),
@@ -411,6 +411,7 @@ def _quantization_report(outputs: list[list[np.ndarray]], parity: dict, *, spec:
     count = min(len(outputs[0]), len(fp32_out[0]))
     per_output = [([sample[i] for sample in fp32_out], [sample[i] for sample in outputs]) for i in range(count)]
     return {"quantization": {
+        **facts,  # the quantizer's own account: weights, activations, ops kept in float, op counts
         "quantizer": spec.quantizer,
         "scheme": "dynamic" if precision == "int8-dynamic" else "static",
         "calibration": calibration,
@@ -418,7 +419,6 @@ def _quantization_report(outputs: list[list[np.ndarray]], parity: dict, *, spec:
         "top1_agreement_fp32": [top1_agreement(fp32, artifact) for fp32, artifact in per_output],
         "vs_pytorch_int8": {key: parity.get(key) for key in ("output_step", "max_steps", "max_abs_error",
                                                               "top1_agreement", "samples")},
-        "details": facts,
     }}
 
 
