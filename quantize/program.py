@@ -89,8 +89,12 @@ def quantize_program(program: torch.export.ExportedProgram, quantizer: str,
         with torch.no_grad():
             for sample in samples:
                 prepared(*sample)
-    converted = pt2e.convert(prepared)
-    if spec.int32_bias:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    # In place, not pt2e.convert's copy: a deep copy leaves the annotations naming the old graph's nodes, and
+    # the converter then finds no choose_qparams for a dynamic input.
+    converted = convert_pt2e(prepared)
+    if spec.int32_bias and not dynamic:  # a dynamic input's scale, and so the bias grid, exists only at run time
         pt2e.snap_biases(converted)
     static = torch.export.export(converted, samples[0])
     step, step_from = _output_step(converted, samples, dynamic)
@@ -155,7 +159,7 @@ class _ValueAwareQuantizer:
     def annotate(self, model):
         self.base.annotate(model)
         bad = _unrepresentable(model, self.samples)
-        dropped = unannotate(model, lambda node: _observes(node, bad))
+        dropped = unannotate(model, lambda node: _observes(node, bad) or _weight_only_conv(node))
         self.kept_float.extend(sorted(pt2e.op_name(n) + f" ({n.name})" for n in dropped))
         if dropped:
             log.info("kept in float, their values beyond int8: %s", ", ".join(self.kept_float))
@@ -194,6 +198,23 @@ def _observes(node: torch.fx.Node, bad: set[torch.fx.Node]) -> bool:
     if annotation.output_qspec is not None:
         observed.add(node)
     return bool(observed & bad)
+
+
+_CONVOLUTIONS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution")
+
+
+def _weight_only_conv(node: torch.fx.Node) -> bool:
+    """A convolution whose weight alone is annotated (the backend's weight-only tables), its input left float.
+
+    Such a conv is no integer kernel anywhere; the XNNPACK delegate lowered the
+    dequantize of its weight into a .pte that computed wrong values (cnn-1d at
+    int8-dynamic, whose conv1d the dynamic quantizer leaves float). It stays float.
+    """
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    annotation = node.meta[Q_ANNOTATION_KEY]
+    return (pt2e.op_name(node) in _CONVOLUTIONS and annotation.output_qspec is None
+            and all(source.op == "get_attr" for source in annotation.input_qspec_map))
 
 
 def _output_step(converted: torch.fx.GraphModule, samples, dynamic: bool) -> tuple[float, str]:
