@@ -12,8 +12,8 @@ from difftx_edge.quantize.registry import (
 
 
 @register_quantizer("litert", extra="litert", requires=("litert_torch", "ai_edge_litert", "torchao"),
-                    runtime="LiteRT / TFLite (XNNPACK delegate)", int32_bias=True)
-def build(qat: bool):
+                    runtime="LiteRT / TFLite (XNNPACK delegate)", int32_bias=True, dynamic=True)
+def build(qat: bool, dynamic: bool = False):
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
     from difftx_edge.quantize.pt2e import consistent_fake_quant
@@ -28,8 +28,9 @@ def build(qat: bool):
             annotate_float_tables(model, int8_weight_spec(qat, per_channel=True))
             return model
 
-    quantizer = LiteRTQuantizer().set_global(
-        consistent_fake_quant(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)))
+    # Dynamic: int8 weights per channel, activations quantized at run time (the converter reads is_dynamic).
+    quantizer = LiteRTQuantizer().set_global(consistent_fake_quant(
+        get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, is_dynamic=dynamic)))
     for kind in float_module_types():
         # Its module-type filter compares against the strings in nn_module_stack.
         quantizer.set_module_type(qualified_name(kind), None)
