@@ -183,6 +183,9 @@ BAD = {
                    ("holds 1 sample", "at least 2")),
     "fp32": (["--precision", "fp32"], lambda tmp: _write(tmp / "ok.npz", ids=_ids(4), features=_features(4)),
              ("--calibration calibrates int8", "--precision int8")),
+    "int8-dynamic-for-onnx": (["--precision", "int8-dynamic"], lambda tmp: _write(tmp / "ok.npz", ids=_ids(4),
+                                                                                features=_features(4)),
+                              ("format onnx does not support precision int8-dynamic",)),
     "with-inputs": (["--inputs", "INPUTS"], lambda tmp: _write(tmp / "ok.npz", ids=_ids(4), features=_features(4)),
                     ("--calibration or --inputs, not both",)),
 }
