@@ -361,7 +361,7 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
     def build(name: str) -> dict:
         spec = specs_by_bundle[name]
         if spec.check == "reference" and len(names) > 1:
-            raise ValueError(f"{spec.name}'s check feeds one input ({spec.reference_name}), and this program has "
+            raise ValueError(f"{spec.name}'s reference evaluation feeds one input, and this program has "
                              f"{len(names)}: convert it to the other formats")
         converted, reference_module, output_step, report = program, module, step, None
         if quantize:

@@ -129,16 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("model", help="a .pt2 file written by torch.export.save")
     convert.add_argument("--format", default="all", help="comma-separated formats, or all")
     convert.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                         help="int8 and int8-dynamic quantize a float program here (PT2E post-training "
-                              "quantization with each format's quantizer); a program quantized already with PT2E "
-                              "converts as int8 whatever this says (fp16 is refused)")
+                         help="int8 and int8-dynamic (int8 weights, activations quantized at run time; the "
+                              "formats that take it: difftx-edge formats) quantize a float program here, PT2E "
+                              "post-training quantization with each format's quantizer; a program quantized already "
+                              "with PT2E converts as int8 whatever this says (fp16 is refused)")
     convert.add_argument("--out", required=True)
     convert.add_argument("--deployment-target", default="iOS17")
     convert.add_argument("--threads", type=int, default=1)
     convert.add_argument("--inputs", default=None, metavar="FILE.npz",
                          help="real parity inputs instead of random ones: an .npz with one array per program input, "
                               "named after it (e.g. x for forward(self, x)), of shape (S, *input shape), S samples "
-                              "of the program's example shapes; the first 8 are checked")
+                              "of the program's example shapes; the first 8 are checked (int8 of a float program "
+                              "without --calibration: they join its random calibration samples)")
     convert.add_argument("--calibration", default=None, metavar="FILE.npz",
                          help="int8: samples of real data to calibrate with, laid out like --inputs (hundreds are "
                               "better than a few); the last 20%% (at least 1) are held back to check the artifact "
