@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from difftx_edge.convert.bundle import build_bundle, sqnr_db, top1_agreement
-from difftx_edge.convert.inputs import example_args, npz_args
+from difftx_edge.convert.inputs import calibration_args, example_args, npz_args, user_inputs
 from difftx_edge.convert.registry import FORMATS, PRECISIONS, FormatSpec, get_format
 from difftx_edge.io import require_input_file, require_output_dir
 
@@ -302,7 +302,6 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
         ExportFailed: (a ValueError) after every format was tried, when any failed: an unsupported op
             (named), a toolchain error, a quantizer error or a parity failure, one line each.
     """
-    from difftx_edge.convert.inputs import calibration_args, user_inputs
     from difftx_edge.extras import versions
     from difftx_edge.hashing import sha256_file
 
