@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from difftx_edge.cli import main
-from difftx_edge.convert import convert_pt2
+from difftx_edge.convert import ExportConfig, convert_pt2
 from difftx_edge.convert.bundle import MANIFEST, sqnr_db, top1_agreement
 from difftx_edge.convert.inputs import HOLD_BACK, RANDOM_CALIBRATION, calibration_args, example_args
 
@@ -207,6 +207,11 @@ def test_a_bad_calibration_is_one_line_exit_2_and_writes_nothing(name, two_input
         assert needle in lines[0], lines[0]
     assert not out.exists() and not (tmp_path / "out.convert.log").exists()
     assert not (tmp_path / "PWNED").exists(), "the npz ran code"
+
+
+def test_export_of_a_run_takes_no_int8_dynamic(tmp_path):
+    with pytest.raises(ValueError, match="export takes precision fp32, fp16, int8, not int8-dynamic"):
+        ExportConfig(run=str(tmp_path), out=str(tmp_path / "out"), format="executorch", precision="int8-dynamic")
 
 
 # -----------------------------------------------------------------------------
