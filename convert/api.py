@@ -345,8 +345,8 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
             program, calibration, given=given[0] if given is not None else None, seed=seed)
         calibration_source["weak"] = calibration_source["weak"] and precision == "int8"
         if calibration_source["weak"]:  # int8-dynamic's activation scales come from each call, not calibration
-            log.warning("difftx-edge convert: warning: no --calibration, so int8 scales come from %d random or example samples: a weak "
-                        "calibration; give --calibration FILE.npz with samples of real data",
+            log.warning("difftx-edge convert: warning: no --calibration, so int8 scales come from %d random or "
+                        "example samples: a weak calibration; give --calibration FILE.npz with samples of real data",
                         calibration_source["observed"])
         parity_source = {"from": "calibration", "held_back": len(args)}
         calibration_samples = [tuple(torch.from_numpy(a) for a in sample) for sample in observed]
