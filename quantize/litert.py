@@ -21,6 +21,10 @@ def build(qat: bool, dynamic: bool = False):
     class LiteRTQuantizer(PT2EQuantizer):
         # The QAT-only conv+bn annotators crash under torch 2.13, and a Transformer has no conv+bn.
         STATIC_QAT_ONLY_OPS = []
+        # Its GRU annotator quantizes only a GRU's input and hidden state, and fails (IndexError) on a GRU
+        # without an initial state passed in (h0 made inside, the common case). The GRU computes in float
+        # either way; without the annotator its input and output stay float too.
+        STATIC_OPS = [op for op in PT2EQuantizer.STATIC_OPS if op != "gru_io_only"]
 
         def annotate(self, model):
             super().annotate(model)

@@ -158,6 +158,7 @@ class _ValueAwareQuantizer:
 
     def annotate(self, model):
         self.base.annotate(model)
+        _calibration_observers(model)
         bad = _unrepresentable(model, self.samples)
         dropped = unannotate(model, lambda node: _observes(node, bad) or _weight_only_conv(node))
         self.kept_float.extend(sorted(pt2e.op_name(n) + f" ({n.name})" for n in dropped))
@@ -173,14 +174,19 @@ class _ValueAwareQuantizer:
 
 
 def _unrepresentable(model: torch.fx.GraphModule, samples) -> set[torch.fx.Node]:
-    """The nodes whose float value, on any sample, holds NaN, infinity or a magnitude of REPRESENTABLE or more."""
+    """The nodes whose value, on any sample, is not a float tensor int8 can hold.
+
+    That is a value that holds NaN, infinity or a magnitude of REPRESENTABLE
+    or more, or one of integers or booleans (position ids, masks): the Core ML
+    quantizer annotates those too, and its fake-quant fails on them.
+    """
     bad: set[torch.fx.Node] = set()
 
     class Probe(torch.fx.Interpreter):
         def run_node(self, node):
             value = super().run_node(node)
-            if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel()
-                    and not bool((value.abs() < REPRESENTABLE).all())):
+            if isinstance(value, torch.Tensor) and (not value.is_floating_point() or (
+                    value.numel() and not bool((value.abs() < REPRESENTABLE).all()))):
                 bad.add(node)
             return value
 
@@ -188,6 +194,50 @@ def _unrepresentable(model: torch.fx.GraphModule, samples) -> set[torch.fx.Node]
         for sample in samples:
             Probe(model).run(*sample)
     return bad
+
+
+def _calibration_observers(model: torch.fx.GraphModule) -> None:
+    """Swap each moving-average observer of the annotations for its min/max twin, in place.
+
+    A moving average (the Core ML quantizer's default, built for QAT) moves 1 %
+    of the way to each new range: over 32 single-sample calibration batches its
+    range stayed near the first sample's, clipped the logits of the others and
+    cost 5-20 % top-1 on zoo models. PTQ sees each sample once and wants the
+    range over all of them.
+    """
+    import dataclasses
+
+    from torchao.quantization.pt2e import (
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        PerChannelMinMaxObserver,
+    )
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    twins = {MovingAverageMinMaxObserver: MinMaxObserver,
+             MovingAveragePerChannelMinMaxObserver: PerChannelMinMaxObserver}
+
+    def swap(spec):
+        ctor = getattr(spec, "observer_or_fake_quant_ctr", None) if isinstance(spec, QuantizationSpec) else None
+        partial = getattr(ctor, "p", None)
+        if partial is None:
+            return spec
+        if partial.func in twins:  # an observer
+            return dataclasses.replace(spec, observer_or_fake_quant_ctr=twins[partial.func].with_args(
+                **partial.keywords))
+        if partial.keywords.get("observer") in twins:  # a fake-quant around one
+            keywords = {**partial.keywords, "observer": twins[partial.keywords["observer"]]}
+            return dataclasses.replace(spec, observer_or_fake_quant_ctr=partial.func.with_args(**keywords))
+        return spec
+
+    for node in model.graph.nodes:
+        annotation = node.meta.get(Q_ANNOTATION_KEY)
+        if annotation is None:
+            continue
+        annotation.input_qspec_map = {source: swap(spec) for source, spec in annotation.input_qspec_map.items()}
+        annotation.output_qspec = swap(annotation.output_qspec)
 
 
 def _observes(node: torch.fx.Node, bad: set[torch.fx.Node]) -> bool:
