@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -16,8 +17,8 @@ from typing import ContextManager
 import numpy as np
 import torch
 
-from difftx_edge.convert.bundle import build_bundle
-from difftx_edge.convert.inputs import example_args, npz_args
+from difftx_edge.convert.bundle import build_bundle, sqnr_db, top1_agreement
+from difftx_edge.convert.inputs import calibration_args, example_args, npz_args, user_inputs
 from difftx_edge.convert.registry import FORMATS, PRECISIONS, FormatSpec, get_format
 from difftx_edge.io import require_input_file, require_output_dir
 
@@ -86,6 +87,9 @@ def _each_format(names: list[str], build: Callable[[str], dict], failure: Callab
     return manifests
 
 
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
+
+
 @dataclass
 class ExportConfig:
     """What to export from a run. Every field is also a ``difftx-edge export`` flag."""
@@ -106,6 +110,9 @@ class ExportConfig:
         parse_formats(self.format)
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.precision not in EXPORT_PRECISIONS:  # a run's int8 comes from difftx-edge quantize, static
+            raise ValueError(f"export takes precision {', '.join(EXPORT_PRECISIONS)}, not {self.precision}: "
+                             "convert a .pt2 for int8-dynamic")
         for name in parse_formats(self.format):
             FORMATS[name].supports(self.precision)
         if self.batch < 1 or self.parity_batches < 1:
@@ -251,32 +258,49 @@ def _int8_program(quant_dir: Path, batch: int):
 
 def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = "all", precision: str = "fp32",
                 deployment_target: str = "iOS17", parity_batches: int = 8, threads: int = 1,
-                seed: int = 0, inputs: str | os.PathLike | None = None, preprocess_note: str | None = None,
-                on_result: OnResult | None = None, quiet: Quiet | None = None) -> list[dict]:
+                seed: int = 0, inputs: str | os.PathLike | None = None, calibration: str | os.PathLike | None = None,
+                preprocess_note: str | None = None, on_result: OnResult | None = None,
+                quiet: Quiet | None = None) -> list[dict]:
     """Convert any model saved with ``torch.export.save`` to bundles, checked on example inputs.
 
-    A format that fails (an op it cannot lower, its toolchain, parity) never
-    stops the others; ``on_result`` and ``quiet`` are as in :func:`export_run`.
+    A program of several tensor inputs converts too: every sample is one array per input, in the program's
+    order. A format that fails (an op it cannot lower, its toolchain, parity) never stops the others;
+    ``on_result`` and ``quiet`` are as in :func:`export_run`.
+
+    int8 (or int8-dynamic) of a float program quantizes it here, once per format with that format's quantizer
+    (PT2E post-training quantization). The calibration samples come from ``calibration``; the last 20% of
+    them (at least one) are held back from the observers and are the parity inputs, so the int8 artifact is
+    measured on samples its scales were not fitted to: parity in output steps against the PyTorch int8
+    program, and its SQNR and top-1 agreement against the fp32 program (the manifest's ``quantization``).
+    A program quantized already with PT2E converts as int8 whatever ``precision`` says (except fp16,
+    refused).
 
     Args:
         inputs: an ``.npz`` of real parity inputs, or None for random ones. It holds one array per program
             input, named after it (the input's name in the exported graph, e.g. ``x`` for ``forward(self, x)``;
-            no other names), of shape ``(samples, *input shape)``: each sample is one call of the program with
-            its example shape. The first ``parity_batches`` samples are checked. Random inputs follow each
-            input's dtype: floats from a standard normal, integer ids below the smallest vocabulary of the
-            embeddings they index (else in [0, 16) and below any other index bound the program shows).
+            no other names, and every input), of shape ``(samples, *input shape)``: sample ``i`` is row ``i``
+            of every array, one call of the program with its example shapes. The first ``parity_batches``
+            samples are checked. Random inputs follow each input's dtype: floats from a standard normal,
+            integer ids below the smallest vocabulary of the embeddings they index (else in [0, 16) and below
+            any other index bound the program shows).
+        calibration: int8 only: an ``.npz`` laid out like ``inputs`` whose samples calibrate the observers
+            (all but the last 20%) and check the artifact (the last 20%). None: the program's saved example
+            inputs, the ``inputs`` samples and 32 random samples stand in, a weak calibration that is logged
+            once and recorded as ``quantization.calibration.weak``.
         seed: the seed of the random inputs.
         preprocess_note: how an app turns its raw input into the program's input, in words; the manifest
             carries it as ``preprocessing`` (None when not given: difftx-edge cannot know it).
 
     Returns:
-        The manifests written. Each records where its parity inputs came from under ``parity_inputs``.
+        The manifests written. Each records where its parity inputs came from under ``parity_inputs``, and an
+        int8 bundle of a program quantized here its quantizer, calibration and error under ``quantization``.
 
     Raises:
         ValueError: before anything is built: a corrupt file, a missing extra, a bad format or precision,
-            an ``inputs`` file that does not fit the program (named, with what to give instead).
+            an ``inputs`` or ``calibration`` file that does not fit the program (named, with what to give
+            instead), ``calibration`` for a precision or program that has nothing to calibrate.
         ExportFailed: (a ValueError) after every format was tried, when any failed: an unsupported op
-            (named), a toolchain error or a parity failure, one line each.
+            (named), a toolchain error, a quantizer error or a parity failure, one line each.
     """
     from difftx_edge.extras import versions
     from difftx_edge.hashing import sha256_file
@@ -285,8 +309,18 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
     if preprocess_note is not None and not preprocess_note.strip():
         raise ValueError("--preprocess-note is empty: say how an app turns its raw input into the model's input, "
                          "or leave the flag out")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if inputs is not None:
         inputs = require_input_file(inputs, "inputs", "give an .npz written by numpy.savez")
+    if calibration is not None:
+        if not precision.startswith("int8"):
+            raise ValueError(f"--calibration calibrates int8, but --precision is {precision}: give --precision int8 "
+                             "(or int8-dynamic), or leave --calibration out")
+        if inputs is not None:
+            raise ValueError("give --calibration or --inputs, not both: an int8 bundle is checked on the held-back "
+                             "last 20% of the --calibration samples")
+        calibration = require_input_file(calibration, "calibration", "give an .npz written by numpy.savez")
     out = require_output_dir(out)
     specs = [get_format(name) for name in parse_formats(formats)]
     for spec in specs:
@@ -298,58 +332,109 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
 
     program = load_exported_program(path)  # never torch.export.load: it can unpickle, and so run, the file's code
     module = program.module()
-    precision, step = _program_precision(module, precision)
+    precision, step, quantize = _program_precision(module, precision)
+    if calibration is not None and not quantize:
+        raise ValueError("this program is quantized already (it holds PT2E quantize/dequantize ops), so "
+                         "--calibration has nothing to calibrate: leave it out")
     for spec in specs:
         spec.require(precision)  # again: a quantized program converts at int8, whatever was asked
-    if inputs is None:
-        args, parity_source = example_args(program, seed, parity_batches)
+    names = [name for name, _ in user_inputs(program)]
+    given = npz_args(program, inputs, parity_batches) if inputs is not None else None
+    if quantize:
+        observed, args, calibration_source = calibration_args(
+            program, calibration, given=given[0] if given is not None else None, seed=seed)
+        calibration_source["weak"] = calibration_source["weak"] and precision == "int8"
+        if calibration_source["weak"]:  # int8-dynamic's activation scales come from each call, not calibration
+            log.warning("difftx-edge convert: warning: no --calibration, so int8 scales come from %d random or "
+                        "example samples: a weak calibration; give --calibration FILE.npz with samples of real data",
+                        calibration_source["observed"])
+        parity_source = {"from": "calibration", "held_back": len(args)}
+        calibration_samples = [tuple(torch.from_numpy(a) for a in sample) for sample in observed]
+        fp32_out = [_outputs(module, sample) for sample in args]  # before any quantizer touches the program
     else:
-        args, parity_source = npz_args(program, inputs, parity_batches)
-    specs_by_name = {spec.name: spec for spec in specs}
+        args, parity_source = given if given is not None else example_args(program, seed, parity_batches)
+    specs_by_bundle = {f"{spec.name}-{precision}": spec for spec in specs}
     # The file's name only: manifests ship inside apps; the sha256 identifies the program.
     source = {"pt2": path.name, "sha256": sha256_file(path)}
 
     def build(name: str) -> dict:
-        spec = specs_by_name[name.rsplit("-", 1)[0]]
+        spec = specs_by_bundle[name]
+        if spec.check == "reference" and len(names) > 1:
+            raise ValueError(f"{spec.name}'s reference evaluation feeds one input, and this program has "
+                             f"{len(names)}: convert it to the other formats")
+        converted, reference_module, output_step, report = program, module, step, None
+        if quantize:
+            from difftx_edge.quantize.program import quantize_program
 
-        def reference(x: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                y = module(torch.from_numpy(x))
-            return (y[0] if isinstance(y, (tuple, list)) else y).numpy()
+            quantized = quantize_program(program, spec.quantizer, calibration_samples,
+                                         dynamic=precision == "int8-dynamic")
+            converted, reference_module = quantized.program, quantized.module
+            output_step = quantized.output_step
+            report = functools.partial(_quantization_report, spec=spec, precision=precision,
+                                       calibration=calibration_source, fp32_out=fp32_out, facts=quantized.facts)
 
-        out_shape = list(reference(args[0]).shape)
-        meta = {"inputs": [{"name": "x", "shape": list(args[0].shape), "dtype": _dtype_name(
-                    torch.from_numpy(args[0]).dtype, spec)}],
+        def reference(*x: np.ndarray) -> np.ndarray:
+            return _outputs(reference_module, x)[0]
+
+        out_shape = list(reference(*args[0]).shape)
+        meta = {"inputs": [{"name": input_name, "shape": list(x.shape),
+                            "dtype": _dtype_name(torch.from_numpy(x).dtype, spec)}
+                           for input_name, x in zip(names, args[0], strict=True)],
                 "outputs": [{"name": "output", "shape": out_shape, "dtype": "float32"}],
                 "task": None, "preprocessing": preprocess_note, "source": source, "parity_inputs": parity_source,
-                "versions": versions()}
-        return build_bundle(spec, program, precision, out=out, reference=reference, parity_inputs=args,
-                            output_step=step, meta=meta, threads=threads,
-                            options={"example": (torch.from_numpy(args[0]),), "deployment_target": deployment_target})
+                "versions": versions(), "quantization": None}  # int8 quantized here: report() fills it in
+        return build_bundle(spec, converted, precision, out=out, reference=reference, parity_inputs=args,
+                            output_step=output_step, meta=meta, threads=threads, report=report,
+                            options={"example": tuple(torch.from_numpy(x) for x in args[0]),
+                                     "deployment_target": deployment_target})
 
     # A toolchain's failure becomes one line, naming the op where it can.
-    return _each_format([f"{spec.name}-{precision}" for spec in specs], build,
-                        lambda name, err: _conversion_failure(name.rsplit("-", 1)[0], path.name, err, program),
+    return _each_format(list(specs_by_bundle), build,
+                        lambda name, err: _conversion_failure(specs_by_bundle[name].name, path.name, err, program),
                         on_result=on_result, quiet=quiet)
 
 
-def _program_precision(module: torch.fx.GraphModule, asked: str) -> tuple[str, float | None]:
-    """The precision a program converts at, and its int8 output step: a program quantized already with PT2E
+def _outputs(module, args) -> list[np.ndarray]:
+    """Every output of ``module`` for one sample (a tuple of arrays), in the program's output order."""
+    with torch.no_grad():
+        result = module(*(torch.from_numpy(x) for x in args))
+    return [leaf.numpy() for leaf in torch.utils._pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
+
+
+def _quantization_report(outputs: list[list[np.ndarray]], parity: dict, *, spec: FormatSpec, precision: str,
+                         calibration: dict, fp32_out: list[list[np.ndarray]], facts: dict) -> dict:
+    """The manifest's ``quantization``: how the program was quantized, and the int8 artifact's error on the
+    held-back samples, against fp32 PyTorch (SQNR and top-1 agreement, one entry per output) and against the
+    PyTorch int8 program (parity, in output steps)."""
+    # A format checked by reference evaluation gives only the first output: the entries follow what ran.
+    count = min(len(outputs[0]), len(fp32_out[0]))
+    per_output = [([sample[i] for sample in fp32_out], [sample[i] for sample in outputs]) for i in range(count)]
+    return {"quantization": {
+        **facts,  # the quantizer's own account: weights, activations, ops kept in float, op counts
+        "quantizer": spec.quantizer,
+        "scheme": "dynamic" if precision == "int8-dynamic" else "static",
+        "calibration": calibration,
+        "sqnr_db": [sqnr_db(fp32, artifact) for fp32, artifact in per_output],
+        "top1_agreement_fp32": [top1_agreement(fp32, artifact) for fp32, artifact in per_output],
+        "vs_pytorch_int8": {key: parity.get(key) for key in ("output_step", "max_steps", "max_abs_error",
+                                                              "top1_agreement", "samples")},
+    }}
+
+
+def _program_precision(module: torch.fx.GraphModule, asked: str) -> tuple[str, float | None, bool]:
+    """The precision a program converts at, its int8 output step, and whether convert quantizes it.
+
+    A float program asked for int8 or int8-dynamic is quantized here. A program quantized already with PT2E
     (quantize and dequantize ops in its graph) is int8, its parity counted in output steps like export's.
 
     Raises:
-        ValueError: int8 asked of a float program, fp16 of a quantized one, or a quantized program whose
-            output has no step to count parity in.
+        ValueError: fp16 asked of a quantized program, or a quantized program whose output has no step to
+            count parity in.
     """
     from difftx_edge.quantize.pt2e import is_quantized, output_step
 
     if not is_quantized(module):
-        if asked == "int8":
-            raise ValueError("this program is not quantized: convert --precision int8 takes a program quantized "
-                             "with PT2E (prepare_pt2e, calibrate, convert_pt2e, then torch.export.save); "
-                             "quantizing a float .pt2 in convert is not built yet; for difftx-edge's own models "
-                             "use difftx-edge quantize, then export --precision int8")
-        return asked, None
+        return asked, None, asked.startswith("int8")
     if asked == "fp16":
         raise ValueError("this program is quantized already (it holds PT2E quantize/dequantize ops): convert it "
                          "as int8 (--precision int8, or leave --precision out), not fp16")
@@ -358,7 +443,7 @@ def _program_precision(module: torch.fx.GraphModule, asked: str) -> tuple[str, f
         raise ValueError("this program is quantized, but its output does not come straight from a per-tensor "
                          "dequantize, so int8 parity has no output step to count in: let the quantizer quantize "
                          "the output too (the backend quantizers do by default) and save it again")
-    return "int8", step
+    return "int8", step, False
 
 
 def _conversion_failure(fmt: str, name: str, err: BaseException, program) -> str:

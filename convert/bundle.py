@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,22 +40,26 @@ FLOAT_NEXT = ("an error this size means the runtime computes some op differently
 
 
 def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precision: str, *, out: Path,
-                 reference, parity_inputs: list[np.ndarray], output_step: float | None, meta: dict,
-                 accuracy_split=None, options: dict | None = None, threads: int = 1) -> dict:
+                 reference, parity_inputs: list, output_step: float | None, meta: dict,
+                 accuracy_split=None, options: dict | None = None, threads: int = 1,
+                 report: Callable[[list[list[np.ndarray]], dict], dict] | None = None) -> dict:
     """Export one artifact, check it in its runtime, and move the bundle into ``out``.
 
     Args:
         spec: the format.
         program: a static-shape ExportedProgram (fp32 model, or the converted int8 program).
-        precision: fp32, fp16 or int8.
+        precision: fp32, fp16, int8 or int8-dynamic.
         out: the directory that receives ``<format>-<precision>/``.
-        reference: ``reference(x: np.ndarray) -> np.ndarray``, PyTorch's output for one batch.
-        parity_inputs: held-out input batches, each the exported batch size.
-        output_step: the int8 output quantization step (int8 only).
+        reference: ``reference(*args: np.ndarray) -> np.ndarray``, PyTorch's first output for one sample.
+        parity_inputs: held-out samples, each one array (a program of one input) or a tuple of arrays, one per
+            program input in its order, of the exported shapes.
+        output_step: the int8 output quantization step (int8; int8-dynamic when its output has one).
         meta: task, labels, source checkpoint, versions... copied into the manifest.
         accuracy_split: ``(inputs, targets)`` batches for the task accuracy in the runtime, or None.
         options: exporter options (example inputs, deployment target).
         threads: runtime threads.
+        report: ``report(outputs, parity) -> dict`` of more manifest entries, called once parity passed, with
+            the artifact's outputs (all of them, a list per sample) on ``parity_inputs`` and the parity result.
 
     Returns:
         The manifest.
@@ -75,8 +80,9 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
         facts = spec.export(program, artifact, precision, dict(options or {}))
         export_seconds = time.perf_counter() - started
         run = _runner(spec, artifact, threads, facts)
-        runtime_out = [run(x) for x in parity_inputs]
-        torch_out = [reference(x) for x in parity_inputs]
+        runtime_all = [run(*_args(x)) for x in parity_inputs]
+        runtime_out = [outputs[0] for outputs in runtime_all]
+        torch_out = [reference(*_args(x)) for x in parity_inputs]
         parity = compare(runtime_out, torch_out, precision, output_step)
         parity["check"] = spec.reference_name if spec.check == "reference" else f"{spec.name} runtime"
         parity["machine"] = checked_on()
@@ -85,14 +91,15 @@ def build_bundle(spec: FormatSpec, program: torch.export.ExportedProgram, precis
         accuracy = None
         if accuracy_split is not None:
             inputs, targets = accuracy_split
-            accuracy = {"artifact": task_accuracy([run(x) for x in inputs], targets),
-                        "pytorch": task_accuracy([reference(x) for x in inputs], targets),
+            accuracy = {"artifact": task_accuracy([run(*_args(x))[0] for x in inputs], targets),
+                        "pytorch": task_accuracy([reference(*_args(x)) for x in inputs], targets),
                         "examples": int(sum(len(t) for t in targets)), "measured_by": parity["check"]}
         manifest = {
             "format": spec.name, "precision": precision, "artifact": spec.filename,
             "artifact_bytes": _size(artifact), "artifact_sha256": sha256_tree(artifact),
             **artifact_io(spec, artifact, facts, meta.pop("inputs"), meta.pop("outputs")),
             **meta, **facts, "parity": parity, "accuracy": accuracy,
+            **(report(runtime_all, parity) if report is not None else {}),
             "export_seconds": round(export_seconds, 3),
         }
         validate_manifest(manifest)
@@ -131,7 +138,7 @@ def compare(runtime_out: list[np.ndarray], torch_out: list[np.ndarray], precisio
     top_b = b.reshape(-1, classes).argmax(-1)
     result = {"max_abs_error": float(diff.max()), "mean_abs_error": float(diff.mean()),
               "top1_agreement": float((top_a == top_b).mean()), "samples": int(len(a))}
-    if precision == "int8":
+    if precision.startswith("int8"):  # int8-dynamic's step: what a per-tensor int8 output would have
         steps = result["max_abs_error"] / output_step if output_step else float("inf")
         result.update(output_step=output_step, max_steps=steps,
                       tolerance=f"<= {INT8_MAX_STEPS:g} output steps and >= {INT8_MIN_AGREEMENT:.0%} top-1 agreement")
@@ -156,6 +163,31 @@ def compare(runtime_out: list[np.ndarray], torch_out: list[np.ndarray], precisio
     return result
 
 
+def sqnr_db(reference: list[np.ndarray], test: list[np.ndarray]) -> float | None:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB, over all samples.
+
+    ``10 log10(sum(reference^2) / sum((reference - test)^2))``: 20 dB is an error a tenth of the signal's
+    amplitude, 40 dB a hundredth. None when the two are identical (no noise).
+    """
+    ref = np.concatenate([np.asarray(x, np.float64).ravel() for x in reference])
+    noise = float(np.square(ref - np.concatenate([np.asarray(x, np.float64).ravel() for x in test])).sum())
+    if noise == 0.0:
+        return None
+    return round(10 * float(np.log10(max(float(np.square(ref).sum()), 1e-300) / noise)), 2)
+
+
+def top1_agreement(reference: list[np.ndarray], test: list[np.ndarray]) -> float | None:
+    """How often the two agree on the largest entry of the last axis, or None where the output does not look like
+    logits (not float, or a last axis of 1)."""
+    first = np.asarray(reference[0])
+    if first.dtype.kind != "f" or first.ndim == 0 or first.shape[-1] < 2:
+        return None
+    classes = first.shape[-1]
+    ref = np.concatenate([np.asarray(x).reshape(-1, classes) for x in reference]).argmax(-1)
+    got = np.concatenate([np.asarray(x).reshape(-1, classes) for x in test]).argmax(-1)
+    return round(float((ref == got).mean()), 4)
+
+
 # -----------------------------------------------------------------------------
 # The manifest's schema: every bundle's manifest is checked against it before it is written.
 
@@ -167,6 +199,9 @@ MANIFEST_SCHEMA = {
 TENSOR_SCHEMA = {"name": str, "shape": list, "dtype": str}
 PARITY_SCHEMA = {"max_abs_error": float, "mean_abs_error": float, "top1_agreement": float, "samples": int,
                  "passed": bool, "tolerance": str, "check": str, "machine": dict}
+# "quantization" is optional: convert writes it for an int8 bundle of a program it quantized itself.
+QUANTIZATION_SCHEMA = {"quantizer": str, "scheme": str, "calibration": dict, "sqnr_db": list,
+                       "top1_agreement_fp32": list, "vs_pytorch_int8": dict}
 
 
 def validate_manifest(manifest: dict) -> None:
@@ -183,6 +218,8 @@ def validate_manifest(manifest: dict) -> None:
         for i, tensor in enumerate(manifest[side]):
             check(tensor, TENSOR_SCHEMA, f"[{side!r}][{i}]")
     check(manifest["parity"], PARITY_SCHEMA, "['parity']")
+    if manifest.get("quantization") is not None:
+        check(manifest["quantization"], QUANTIZATION_SCHEMA, "['quantization']")
     spec = FORMATS.get(manifest["format"])
     for key, holds in spec.manifest_keys if spec is not None else ():
         if key not in manifest:
@@ -197,13 +234,20 @@ def checked_on() -> dict:
     return {key: machine[key] for key in ("machine", "cpu", "cpu_features")}
 
 
+def _args(sample) -> tuple[np.ndarray, ...]:
+    """One sample as the program's positional inputs: a lone array is a program of one input."""
+    return tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
+
+
 def _runner(spec: FormatSpec, artifact: Path, threads: int, facts: dict):
+    """``run(*args) -> list of outputs`` of the artifact: every output in its runtime, the first by reference."""
     if spec.check == "reference":
-        return spec.reference(artifact, facts)
+        first = spec.reference(artifact, facts)
+        return lambda *args: [first(*args)]
     from difftx_edge.runtimes import runtime_for
 
     runner = runtime_for(spec.name).load(artifact, threads)
-    return lambda x: runner.run([x])[0]
+    return lambda *args: runner.run(list(args))
 
 
 def _swap_in(stage: Path, target: Path) -> None:

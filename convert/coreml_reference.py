@@ -12,7 +12,8 @@ but coremltools:
   function op by op and evaluates each op with coremltools' own per-op numpy
   code (the ``value_inference`` the converter uses for constant folding, and
   ``materialized_val_inference`` for the ``constexpr_*`` weight-decompression
-  ops and ``dequantize``), storing each result at the op's declared output
+  ops and ``dequantize``; coremltools has none for ``conv``, which is written
+  here from the op's specification), storing each result at the op's declared output
   dtype (so a FLOAT16 program computes in float16 where its ops say so). An op
   without such numpy code is refused with a ``ValueError`` naming it.
 
@@ -224,6 +225,8 @@ def _evaluate(op) -> tuple:
     Ops the converter must not constant-fold (the ``constexpr_*`` decompression ops and
     iOS17 ``dequantize``) keep their numpy code in ``materialized_val_inference``.
     """
+    if op.op_type in _OWN:
+        return (_OWN[op.op_type](op),)
     try:
         values = op.materialized_val_inference() if hasattr(op, "materialized_val_inference") else op.value_inference()
     except NotImplementedError as exc:
@@ -257,3 +260,48 @@ def _python_bool(var) -> None:
     """
     if isinstance(var.val, np.bool_):
         var._sym_val.val = bool(var.val)
+
+
+def _conv(op) -> np.ndarray:
+    """MIL ``conv`` (1-D to 3-D, strides, dilations, groups, every ``pad_type``) in float64, as the spec defines it.
+
+    coremltools has no numpy code for it (a convolution is never constant-folded).
+    """
+    x, weight = np.asarray(op.x.val, np.float64), np.asarray(op.weight.val, np.float64)
+    kernel = weight.shape[2:]
+    spatial = len(kernel)
+    strides, dilations = [int(v) for v in op.strides.val], [int(v) for v in op.dilations.val]
+    groups = int(op.groups.val)
+    pads = []
+    for i, size in enumerate(x.shape[2:]):
+        dilated = (kernel[i] - 1) * dilations[i] + 1
+        if op.pad_type.val == "custom":
+            pads.append((int(op.pad.val[2 * i]), int(op.pad.val[2 * i + 1])))
+        elif op.pad_type.val in ("same", "same_lower"):
+            total = max((-(-size // strides[i]) - 1) * strides[i] + dilated - size, 0)
+            small, large = total // 2, total - total // 2
+            pads.append((small, large) if op.pad_type.val == "same" else (large, small))
+        else:  # valid
+            pads.append((0, 0))
+    x = np.pad(x, [(0, 0), (0, 0), *pads])
+    dilated_kernel = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    # (N, C, *positions, *dilated kernel): every window, then every stride-th position and dilation-th tap.
+    windows = np.lib.stride_tricks.sliding_window_view(x, dilated_kernel, axis=tuple(range(2, 2 + spatial)))
+    windows = windows[(slice(None), slice(None), *(slice(None, None, s) for s in strides),
+                       *(slice(None, None, d) for d in dilations))]
+    out_channels, in_per_group = weight.shape[0], weight.shape[1]
+    per_group = out_channels // groups
+    spatial_axes = "".join("hwd"[:spatial])
+    taps = "".join("klm"[:spatial])
+    parts = [np.einsum(f"nc{spatial_axes}{taps},oc{taps}->no{spatial_axes}",
+                       windows[:, g * in_per_group:(g + 1) * in_per_group],
+                       weight[g * per_group:(g + 1) * per_group], optimize=True)
+             for g in range(groups)]
+    y = np.concatenate(parts, axis=1)
+    if op.bias is not None:
+        y = y + np.asarray(op.bias.val, np.float64).reshape(1, -1, *([1] * spatial))
+    return y
+
+
+# Ops whose numpy code lives here, for want of any in coremltools.
+_OWN = {"conv": _conv}

@@ -12,7 +12,9 @@ from typing import Callable
 from difftx_edge.extras import missing_modules, require_extra
 from difftx_edge.markdown import markdown_table
 
-PRECISIONS = ("fp32", "fp16", "int8")
+# int8: weights and activations int8, activation scales from calibration (static PTQ or QAT). int8-dynamic: int8
+# weights, activations quantized at run time with a scale per tensor computed from the values (float output).
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 
 
 @dataclass(frozen=True)

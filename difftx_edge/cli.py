@@ -118,25 +118,33 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--force", action="store_true", help="replace another run's results in --out")
     quantize.set_defaults(handler=_quantize)
 
-    from difftx_edge.convert import ExportConfig
+    from difftx_edge.convert import PRECISIONS, ExportConfig
+    from difftx_edge.convert.api import EXPORT_PRECISIONS
 
     export = verbs.add_parser("export", help="export a run to bundles (artifact + manifest), checked in each runtime")
-    add_fields(export, ExportConfig, keep_defaults=True, choices={"precision": ("fp32", "fp16", "int8")})
+    add_fields(export, ExportConfig, keep_defaults=True, choices={"precision": EXPORT_PRECISIONS})
     export.set_defaults(handler=_export)
 
     convert = verbs.add_parser("convert", help="convert any torch.export.save file to bundles, checked in each runtime")
     convert.add_argument("model", help="a .pt2 file written by torch.export.save")
     convert.add_argument("--format", default="all", help="comma-separated formats, or all")
-    convert.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
-                         help="a program quantized already with PT2E converts as int8 whatever the default says; "
-                              "int8 of a float program is refused (not built yet)")
+    convert.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                         help="int8 and int8-dynamic (int8 weights, activations quantized at run time; the "
+                              "formats that take it: difftx-edge formats) quantize a float program here, PT2E "
+                              "post-training quantization with each format's quantizer; a program quantized already "
+                              "with PT2E converts as int8 whatever this says (fp16 is refused)")
     convert.add_argument("--out", required=True)
     convert.add_argument("--deployment-target", default="iOS17")
     convert.add_argument("--threads", type=int, default=1)
     convert.add_argument("--inputs", default=None, metavar="FILE.npz",
                          help="real parity inputs instead of random ones: an .npz with one array per program input, "
                               "named after it (e.g. x for forward(self, x)), of shape (S, *input shape), S samples "
-                              "of the program's example shape; the first 8 are checked")
+                              "of the program's example shapes; the first 8 are checked (int8 of a float program "
+                              "without --calibration: they join its random calibration samples)")
+    convert.add_argument("--calibration", default=None, metavar="FILE.npz",
+                         help="int8: samples of real data to calibrate with, laid out like --inputs (hundreds are "
+                              "better than a few); the last 20%% (at least 1) are held back to check the artifact "
+                              "against PyTorch. Without it, random samples calibrate: weak, and the manifest says so")
     convert.add_argument("--preprocess-note", default=None, metavar="TEXT",
                          help="how an app turns its raw input into the model's input (scaling, layout, "
                               "tokenizer); each manifest carries it as preprocessing")
@@ -215,7 +223,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     return build_quietly("convert", args.out, lambda **hooks: convert_pt2(
         args.model, args.out, args.format, args.precision, args.deployment_target, threads=args.threads,
-        inputs=args.inputs, preprocess_note=args.preprocess_note, **hooks),
+        inputs=args.inputs, calibration=args.calibration, preprocess_note=args.preprocess_note, **hooks),
         lambda manifest: _bundle_line(args.out, manifest))
 
 

@@ -12,8 +12,8 @@ from difftx_edge.quantize.registry import (
 
 
 @register_quantizer("litert", extra="litert", requires=("litert_torch", "ai_edge_litert", "torchao"),
-                    runtime="LiteRT / TFLite (XNNPACK delegate)", int32_bias=True)
-def build(qat: bool):
+                    runtime="LiteRT / TFLite (XNNPACK delegate)", int32_bias=True, dynamic=True)
+def build(qat: bool, dynamic: bool = False):
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
     from difftx_edge.quantize.pt2e import consistent_fake_quant
@@ -21,6 +21,10 @@ def build(qat: bool):
     class LiteRTQuantizer(PT2EQuantizer):
         # The QAT-only conv+bn annotators crash under torch 2.13, and a Transformer has no conv+bn.
         STATIC_QAT_ONLY_OPS = []
+        # Its GRU annotator quantizes only a GRU's input and hidden state, and fails (IndexError) on a GRU
+        # without an initial state passed in (h0 made inside, the common case). The GRU computes in float
+        # either way; without the annotator its input and output stay float too.
+        STATIC_OPS = [op for op in PT2EQuantizer.STATIC_OPS if op != "gru_io_only"]
 
         def annotate(self, model):
             super().annotate(model)
@@ -28,8 +32,9 @@ def build(qat: bool):
             annotate_float_tables(model, int8_weight_spec(qat, per_channel=True))
             return model
 
-    quantizer = LiteRTQuantizer().set_global(
-        consistent_fake_quant(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)))
+    # Dynamic: int8 weights per channel, activations quantized at run time (the converter reads is_dynamic).
+    quantizer = LiteRTQuantizer().set_global(consistent_fake_quant(
+        get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, is_dynamic=dynamic)))
     for kind in float_module_types():
         # Its module-type filter compares against the strings in nn_module_stack.
         quantizer.set_module_type(qualified_name(kind), None)

@@ -23,7 +23,9 @@ class QuantizerSpec:
         requires: importable modules the quantizer needs.
         runtime: where its integer kernels run.
         int32_bias: whether those kernels add a Linear's bias as int32 (``pt2e.snap_biases``).
-        build: ``build(qat: bool) -> Quantizer``, leaving ``float_module_types()`` in float.
+        build: ``build(qat: bool, dynamic: bool = False) -> Quantizer``, leaving ``float_module_types()`` in
+            float; ``dynamic`` (int8 weights, activations quantized at run time) only where ``dynamic`` is set.
+        dynamic: whether the backend's toolchain takes int8-dynamic programs.
     """
 
     name: str
@@ -32,6 +34,7 @@ class QuantizerSpec:
     runtime: str
     int32_bias: bool
     build: Callable
+    dynamic: bool = False
 
     def missing(self) -> list[str]:
         return missing_modules(self.requires)
@@ -48,15 +51,24 @@ class QuantizerSpec:
         self.require()
         return self.build(qat)
 
+    def dynamic_quantizer(self):
+        """The backend's int8-dynamic quantizer (PTQ); raises ValueError where its toolchain has none."""
+        if not self.dynamic:
+            raise ValueError(f"backend {self.name} does not support int8-dynamic (its toolchain takes no "
+                             "activations quantized at run time): use int8")
+        self.require()
+        return self.build(qat=False, dynamic=True)
+
 
 QUANTIZERS: dict[str, QuantizerSpec] = {}
 
 
-def register_quantizer(name: str, *, extra: str, requires: tuple[str, ...], runtime: str, int32_bias: bool):
-    """Register ``build(qat) -> Quantizer`` as backend ``name``; returns the function unchanged."""
+def register_quantizer(name: str, *, extra: str, requires: tuple[str, ...], runtime: str, int32_bias: bool,
+                       dynamic: bool = False):
+    """Register ``build(qat, dynamic=False) -> Quantizer`` as backend ``name``; returns the function unchanged."""
 
     def wrap(build: Callable) -> Callable:
-        QUANTIZERS[name] = QuantizerSpec(name, extra, tuple(requires), runtime, int32_bias, build)
+        QUANTIZERS[name] = QuantizerSpec(name, extra, tuple(requires), runtime, int32_bias, build, dynamic)
         return build
 
     return wrap
@@ -96,8 +108,16 @@ def unannotate_float_modules(graph) -> int:
     Some annotators ignore the module filter a quantizer was given: XNNPACK's
     cat annotator quantizes every cat, and its propagation pass then quantizes
     the reshapes and means around it, so a float module ends up with int8 cats
-    of attention scores. Annotations elsewhere that share qparams with a
-    removed one go too, since their source no longer exists.
+    of attention scores.
+    """
+    return len(unannotate(graph, in_float_module))
+
+
+def unannotate(graph, drop: Callable) -> list:
+    """Drop the quantization annotation of every node where ``drop(node)`` holds; returns the nodes it left.
+
+    Annotations elsewhere that share qparams with a removed one go too, since
+    their source no longer exists.
     """
     from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
@@ -112,7 +132,7 @@ def unannotate_float_modules(graph) -> int:
         return False
 
     annotated = [n for n in graph.graph.nodes if Q_ANNOTATION_KEY in n.meta]
-    gone = {n for n in annotated if in_float_module(n)}
+    gone = {n for n in annotated if drop(n)}
     while True:
         more = {n for n in annotated if n not in gone and shares_with(n.meta[Q_ANNOTATION_KEY], gone)}
         if not more:
@@ -120,7 +140,7 @@ def unannotate_float_modules(graph) -> int:
         gone |= more
     for node in gone:
         del node.meta[Q_ANNOTATION_KEY]
-    return len(gone)
+    return [n for n in annotated if n in gone]
 
 
 def int8_weight_spec(qat: bool, per_channel: bool, quant_max: int = 127):

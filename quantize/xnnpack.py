@@ -12,8 +12,8 @@ from difftx_edge.quantize.registry import (
 
 
 @register_quantizer("xnnpack", extra="executorch", requires=("executorch", "torchao"),
-                    runtime="ExecuTorch (XNNPACK delegate)", int32_bias=True)
-def build(qat: bool):
+                    runtime="ExecuTorch (XNNPACK delegate)", int32_bias=True, dynamic=True)
+def build(qat: bool, dynamic: bool = False):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -36,7 +36,9 @@ def build(qat: bool):
             annotate_float_tables(model, int8_weight_spec(qat, per_channel=False))
             return model
 
-    config = consistent_fake_quant(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
+    # Dynamic: int8 weights per channel, each Linear's input quantized per tensor at run time.
+    config = consistent_fake_quant(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat,
+                                                                     is_dynamic=dynamic))
     quantizer = TransformerXNNPACKQuantizer().set_global(config)
     for kind in float_module_types():
         quantizer.set_module_type(kind, None)

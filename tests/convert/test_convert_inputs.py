@@ -135,10 +135,10 @@ def test_random_ids_stay_inside_what_the_program_can_index(model, high, limit):
     args, source = example_args(program, seed=0, n=16)
     (drawn,) = source["inputs"].values()
     assert (drawn["high"], drawn["high_from"], drawn["dtype"]) == (high, limit, "int64")
-    values = np.stack(args)
+    values = np.stack([x for (x,) in args])
     assert values.min() >= 0 and values.max() < high
     module = program.module()
-    for x in args:  # no IndexError in PyTorch
+    for (x,) in args:  # no IndexError in PyTorch
         module(torch.from_numpy(x))
 
 
@@ -147,12 +147,12 @@ def test_random_inputs_keep_the_input_dtype():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * 2
 
-    args, source = example_args(export(EmbedConv(), ids()), seed=0, n=1)
-    assert args[0].dtype == np.int64
-    args, source = example_args(export(Counts(), ids(dtype=torch.int32)), seed=0, n=1)
-    assert args[0].dtype == np.int32 and source["inputs"]["counts"]["dtype"] == "int32"
-    args, source = example_args(export(Half(), torch.zeros(2, 3, dtype=torch.float64)), seed=0, n=1)
-    assert args[0].dtype == np.float64 and source == {"from": "random", "seed": 0, "inputs": {
+    [(x,)], source = example_args(export(EmbedConv(), ids()), seed=0, n=1)
+    assert x.dtype == np.int64
+    [(x,)], source = example_args(export(Counts(), ids(dtype=torch.int32)), seed=0, n=1)
+    assert x.dtype == np.int32 and source["inputs"]["counts"]["dtype"] == "int32"
+    [(x,)], source = example_args(export(Half(), torch.zeros(2, 3, dtype=torch.float64)), seed=0, n=1)
+    assert x.dtype == np.float64 and source == {"from": "random", "seed": 0, "inputs": {
         "x": {"dtype": "float64", "distribution": "standard normal"}}}
 
 

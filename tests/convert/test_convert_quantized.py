@@ -69,8 +69,8 @@ def test_a_quantized_program_converts_to_every_format(programs, tmp_path):
 
 
 @pytest.mark.parametrize("which, args, needle", [
-    ("float", ["--format", "onnx", "--precision", "int8"], "this program is not quantized"),
     ("quantized", ["--format", "coreml", "--precision", "fp16"], "quantized already"),
+    ("quantized", ["--format", "onnx", "--precision", "int8", "--calibration", __file__], "nothing to calibrate"),
 ])
 def test_a_precision_the_program_cannot_be_is_one_line(programs, tmp_path, capfd, which, args, needle):
     pt2 = programs[0] if which == "quantized" else programs[1]
