@@ -30,7 +30,6 @@ import operator
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
@@ -346,7 +345,7 @@ def mean(module: GraphModule) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# views: select, squeeze and unsqueeze as the slices and reshapes XNNPACK takes.
+# views: select, split, squeeze and unsqueeze as the slices and reshapes XNNPACK takes.
 
 def select_slice(x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
     """x.select(dim, index) as a one-wide slice and a reshape."""
@@ -354,23 +353,56 @@ def select_slice(x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
     return x.narrow(dim, index % x.shape[dim], 1).reshape(shape)
 
 
+def narrow_slice(x: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    return x.narrow(dim, start, length)
+
+
 def reshape_to(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return x.reshape(shape)
 
 
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
+
+
+def _split_pieces(node: Node) -> int:
+    """Replace each piece a split/chunk/unbind hands out (a getitem) by a slice; returns 1, or 0 if it cannot."""
+    pieces = node.meta.get("val")
+    x, users = node.args[0], list(node.users)
+    if not isinstance(pieces, (list, tuple)) or not all(u.target is operator.getitem for u in users):
+        return 0
+    dim = node.args[1] if node.target is aten.unbind.int and len(node.args) > 1 else \
+        node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + (1 if node.target is aten.unbind.int else piece.shape[dim]))
+    for user in users:
+        i = user.args[1]
+        if node.target is aten.unbind.int:
+            _replace(user, select_slice, x, dim, i)
+        else:
+            _replace(user, narrow_slice, x, dim, starts[i], starts[i + 1] - starts[i])
+    node.graph.erase_node(node)
+    return 1
+
+
 @register_rewrite("views")
 def views(module: GraphModule) -> int:
-    """Replace select by slice + reshape, and squeeze/unsqueeze (not on the last dim) by reshape."""
+    """Replace select by slice + reshape, split/chunk/unbind by slices, squeeze/unsqueeze (not on the last dim) by
+    reshape; XNNPACK refuses select_copy, split_with_sizes_copy, squeeze_copy and such an unsqueeze_copy."""
     count = 0
     squeezes = (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default)
-    for node in _calls(module, aten.select.int, *squeezes):
-        value, out = _val(node.args[0]), _val(node)
-        if value is None or out is None:
+    for node in _calls(module, aten.select.int, *squeezes, *_SPLITS):
+        value = _val(node.args[0])
+        if value is None:
             continue
+        if node.target in _SPLITS:
+            count += _split_pieces(node)
+            continue
+        out = _val(node)
+        if out is None or (node.target is aten.unsqueeze.default and node.args[1] in (-1, value.dim())):
+            continue  # an unsqueeze on the last dim is delegated as it is
         if node.target is aten.select.int:
             _replace(node, select_slice, node.args[0], node.args[1], node.args[2])
-        elif node.target is aten.unsqueeze.default and node.args[1] in (-1, value.dim()):
-            continue  # delegated as it is
         else:
             _replace(node, reshape_to, node.args[0], list(out.shape))
         count += 1
