@@ -59,7 +59,11 @@ class PositionIds(nn.Module):
 
 
 class Attention(nn.Module):
-    """Projections around scaled_dot_product_attention with no mask, a causal one or a constant one."""
+    """Projections around scaled_dot_product_attention with no mask, a causal one or a constant one.
+
+    "hf-additive" is the extended attention mask of older HF BERTs: ``(1 - mask) * finfo.min`` of an all-ones
+    default mask, computed at every call.
+    """
 
     def __init__(self, mask: str):
         super().__init__()
@@ -71,6 +75,8 @@ class Attention(nn.Module):
     def forward(self, x):  # (1, 6, 8)
         q, k, v = (t.reshape(1, 6, 2, 4).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
         mask = self.keep if self.mask in ("all-true", "padding") else None
+        if self.mask == "hf-additive":
+            mask = (1.0 - self.keep[None, None].to(x.dtype)) * torch.finfo(x.dtype).min
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.mask == "causal")
         return y.transpose(1, 2).reshape(1, 6, 8)
 
@@ -184,13 +190,33 @@ def test_all_rewrites_delegate_every_pattern_in_one_partition(all_patterns):
     assert outside(rewritten) == (1, {}), before
 
 
-@pytest.mark.parametrize("mask", ["none", "causal", "all-true", "padding"])
+@pytest.mark.parametrize("mask", ["none", "causal", "all-true", "padding", "hf-additive"])
 def test_attention_masks_keep_values(mask):
     torch.manual_seed(0)
     example = torch.randn(1, 6, 8)
     program = torch.export.export(Attention(mask).eval(), (example,))
     rewritten, report = apply_rewrites(program)
     assert {"name": "attention", "count": 1} in report
+    assert_same_values(program, rewritten, example)
+
+
+@pytest.mark.slow
+def test_a_quantized_program_keeps_its_quantize_dequantize_pairs():
+    """Only aten ops fold: a PT2E program's int8 weights stay int8 behind their dequantize."""
+    from difftx_edge.quantize import get_quantizer_spec
+    from difftx_edge.quantize.pt2e import convert, prepare
+
+    def quant_ops(program) -> int:
+        return sum("quantize" in str(n.target) for n in program.graph.nodes)
+
+    example = torch.randn(1, 6, 8)
+    prepared = prepare(torch.export.export(nn.Sequential(Norm(), Mean()).eval(), (example,)).module(),
+                       get_quantizer_spec("xnnpack").quantizer(qat=False), qat=False)
+    prepared(example)
+    program = torch.export.export(convert(prepared), (example,))
+    rewritten, report = apply_rewrites(program)
+    assert {r["name"] for r in report} == {"layer_norm", "mean"}
+    assert quant_ops(rewritten) == quant_ops(program) > 0
     assert_same_values(program, rewritten, example)
 
 
