@@ -93,7 +93,8 @@ def _example_inputs(program: torch.export.ExportedProgram) -> tuple[tuple, dict]
     for spec in program.graph_signature.input_specs:
         if spec.kind.name != "USER_INPUT":
             continue
-        value = placeholders[spec.arg.name].meta.get("val") if hasattr(spec.arg, "name") else None
+        node = placeholders.get(getattr(spec.arg, "name", None))
+        value = node.meta.get("val") if node is not None else None
         if isinstance(value, torch.Tensor):
             if not all(isinstance(n, int) for n in value.shape):
                 raise ValueError(f"input {spec.arg.name} has a dynamic shape {tuple(value.shape)}: the rewrites "
@@ -122,6 +123,11 @@ def _val(node) -> torch.Tensor | None:
 
 def _calls(module: GraphModule, *targets) -> list[Node]:
     return [n for n in module.graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+def _arguments(node: Node) -> dict:
+    """An aten call's arguments by their schema names, defaults filled in."""
+    return node.normalized_arguments(node.graph.owning_module, normalize_to_only_use_kwargs=True).kwargs
 
 
 def _replace(node: Node, function: Callable, *args) -> None:
@@ -246,20 +252,19 @@ def attention(module: GraphModule) -> int:
     """
     count = 0
     for node in _calls(module, aten.scaled_dot_product_attention.default):
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        call = dict(zip(names, node.args)) | dict(node.kwargs)
-        q, k = _val(call["query"]), _val(call["key"])
-        mask_node = call.get("attn_mask")
+        call = _arguments(node)
+        q, k, mask_node = _val(call["query"]), _val(call["key"]), call["attn_mask"]
         mask = _constant(module, mask_node)
-        if call.get("dropout_p", 0.0) or call.get("enable_gqa", False) or q is None or k is None:
+        if call["dropout_p"] or call["enable_gqa"] or q is None or k is None:
             continue
-        if mask_node is not None and mask is None:  # computed from the input: unknown rows, kept as it is
+        if mask_node is not None and mask is None:  # computed from the input: rows unknown, kept as it is
             continue
-        exact, additive = _additive_mask(mask, q.shape[-2], k.shape[-2], call.get("is_causal", False))
+        exact, additive = _additive_mask(mask, q.shape[-2], k.shape[-2], call["is_causal"])
         if not exact:
             continue
-        scale = call.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-        mask_arg = None if additive is None else _add_constant(module, additive, node)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if call["scale"] is None else call["scale"]
+        mask_arg = mask_node if additive is mask else (
+            None if additive is None else _add_constant(module, additive, node))
         _replace(node, attention_bmm, call["query"], call["key"], call["value"], mask_arg, scale)
         count += 1
     return count
@@ -293,9 +298,8 @@ def layer_norm(module: GraphModule) -> int:
     """Replace each layer_norm (and a native_layer_norm whose statistics nobody reads) by mean and rsqrt."""
     count = 0
     for node in _calls(module, aten.layer_norm.default, aten.native_layer_norm.default):
-        x, shape, weight, bias, eps = (list(node.args) + [None, None, None, 1e-5])[:5]
-        if "eps" in node.kwargs:
-            eps = node.kwargs["eps"]
+        call = _arguments(node)
+        x, args = call["input"], (list(call["normalized_shape"]), call["weight"], call["bias"], call["eps"])
         value = _val(x)
         if value is None or not value.dtype.is_floating_point:
             continue
@@ -304,10 +308,10 @@ def layer_norm(module: GraphModule) -> int:
             if not all(u.target is operator.getitem and u.args[1] == 0 for u in users):
                 continue
             for user in users:
-                _replace(user, layer_norm_explicit, x, list(shape), weight, bias, eps)
+                _replace(user, layer_norm_explicit, x, *args)
             node.graph.erase_node(node)
         else:
-            _replace(node, layer_norm_explicit, x, list(shape), weight, bias, eps)
+            _replace(node, layer_norm_explicit, x, *args)
         count += 1
     return count
 
@@ -328,18 +332,15 @@ def mean(module: GraphModule) -> int:
     """Replace each float mean not already over dims [2, 3] of a 4-D tensor with keepdim."""
     count = 0
     for node in _calls(module, aten.mean.dim, aten.mean.default):
-        value = _val(node.args[0])
-        if value is None or not value.dtype.is_floating_point or value.dim() == 0 or node.kwargs.get("dtype"):
+        call = _arguments(node)
+        value = _val(call["input"])
+        if value is None or not value.dtype.is_floating_point or value.dim() == 0 or call["dtype"] is not None:
             continue
-        if node.target is aten.mean.default:
-            dims, keepdim = list(range(value.dim())), False
-        else:
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            dims = list(range(value.dim())) if not dims else [d % value.dim() for d in dims]
-        if value.dim() == 4 and sorted(dims) == [2, 3] and keepdim:
+        dims, keepdim = call.get("dim"), call.get("keepdim", False)  # mean.default has neither: all dims
+        dims = list(range(value.dim())) if not dims else sorted(d % value.dim() for d in dims)
+        if value.dim() == 4 and dims == [2, 3] and keepdim:
             continue  # delegated as it is
-        _replace(node, mean_4d, node.args[0], dims, bool(keepdim))
+        _replace(node, mean_4d, call["input"], dims, bool(keepdim))
         count += 1
     return count
 
@@ -366,12 +367,10 @@ _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
 
 def _split_pieces(node: Node) -> int:
     """Replace each piece a split/chunk/unbind hands out (a getitem) by a slice; returns 1, or 0 if it cannot."""
-    pieces = node.meta.get("val")
-    x, users = node.args[0], list(node.users)
+    pieces, call, users = node.meta.get("val"), _arguments(node), list(node.users)
     if not isinstance(pieces, (list, tuple)) or not all(u.target is operator.getitem for u in users):
         return 0
-    dim = node.args[1] if node.target is aten.unbind.int and len(node.args) > 1 else \
-        node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    x, dim = call["input"], call["dim"]
     starts = [0]
     for piece in pieces:
         starts.append(starts[-1] + (1 if node.target is aten.unbind.int else piece.shape[dim]))
@@ -392,18 +391,18 @@ def views(module: GraphModule) -> int:
     count = 0
     squeezes = (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default)
     for node in _calls(module, aten.select.int, *squeezes, *_SPLITS):
-        value = _val(node.args[0])
+        call = _arguments(node)
+        value, out = _val(call["input"]), _val(node)
         if value is None:
             continue
         if node.target in _SPLITS:
             count += _split_pieces(node)
             continue
-        out = _val(node)
-        if out is None or (node.target is aten.unsqueeze.default and node.args[1] in (-1, value.dim())):
+        if out is None or (node.target is aten.unsqueeze.default and call["dim"] in (-1, value.dim())):
             continue  # an unsqueeze on the last dim is delegated as it is
         if node.target is aten.select.int:
-            _replace(node, select_slice, node.args[0], node.args[1], node.args[2])
+            _replace(node, select_slice, call["input"], call["dim"], call["index"])
         else:
-            _replace(node, reshape_to, node.args[0], list(out.shape))
+            _replace(node, reshape_to, call["input"], list(out.shape))
         count += 1
     return count
