@@ -14,6 +14,7 @@ same math in the form ``difftx_edge/model.py`` uses to be fully delegated:
                       an all-True or all-zero constant mask is dropped, a causal one is a constant
     layer_norm        layer_norm -> 4-D mean over dims [2, 3] and rsqrt
     mean              mean over any dims -> the one form XNNPACK takes: 4-D, dims [2, 3], keepdim
+    amax              amax (no XNNPACK reduce-max) -> one max pooling window
     views             select -> slice + reshape; squeeze/unsqueeze -> reshape (XNNPACK takes unsqueeze
                       on the last dim only, and no squeeze or select)
 
@@ -30,6 +31,7 @@ import operator
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
@@ -341,6 +343,32 @@ def mean(module: GraphModule) -> int:
         if value.dim() == 4 and dims == [2, 3] and keepdim:
             continue  # delegated as it is
         _replace(node, mean_4d, call["input"], dims, bool(keepdim))
+        count += 1
+    return count
+
+
+def amax_pool(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
+    """x.amax(dims, keepdim) as one 2-D max pooling window over a ``(1, kept, 1, reduced)`` view."""
+    kept = [d for d in range(x.dim()) if d not in dims]
+    out_shape = [1 if d in dims else x.shape[d] for d in range(x.dim())] if keepdim else \
+        [x.shape[d] for d in kept]
+    moved = x.permute(*kept, *dims) if kept + dims != list(range(x.dim())) else x
+    size_kept, size_reduced = math.prod(x.shape[d] for d in kept), math.prod(x.shape[d] for d in dims)
+    pooled = F.max_pool2d(moved.reshape(1, size_kept, 1, size_reduced), (1, size_reduced))  # (1, kept, 1, 1)
+    return pooled.reshape(out_shape)
+
+
+@register_rewrite("amax")
+def amax(module: GraphModule) -> int:
+    """Replace each float amax (XNNPACK has no reduce-max) by max pooling, which it delegates; max is exact."""
+    count = 0
+    for node in _calls(module, aten.amax.default):
+        call = _arguments(node)
+        value = _val(call["input"])
+        if value is None or not value.dtype.is_floating_point or value.dim() == 0:
+            continue
+        dims = list(range(value.dim())) if not call["dim"] else sorted(d % value.dim() for d in call["dim"])
+        _replace(node, amax_pool, call["input"], dims, bool(call["keepdim"]))
         count += 1
     return count
 

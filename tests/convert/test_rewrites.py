@@ -99,6 +99,15 @@ class Mean(nn.Module):
         return self.a(x).mean(dim=1)
 
 
+class Amax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):  # (1, 6, 8) -> (1, 6)
+        return self.a(x).amax(dim=-1)
+
+
 class Views(nn.Module):
     """nn.MultiheadAttention's in-projection split (unsqueeze, squeeze and select), then a chunk."""
 
@@ -127,6 +136,7 @@ CASES = {
     "attention": (lambda: Attention("none"), (1, 6, 8), lambda n: op(n) == "scaled_dot_product_attention"),
     "layer_norm": (Norm, (1, 6, 8), lambda n: op(n) == "layer_norm"),
     "mean": (Mean, (1, 6, 8), mean_refused),
+    "amax": (Amax, (1, 6, 8), lambda n: op(n) == "amax"),
     "views": (Views, (6, 1, 8), lambda n: op(n) in {"select", "squeeze", "unsqueeze", "chunk", "split"}),
 }
 
@@ -154,12 +164,13 @@ class AllPatterns(nn.Module):
     def __init__(self):
         super().__init__()
         self.position, self.views, self.attention = PositionIds(), Views(), Attention("none")
-        self.norm, self.mean = Norm(), Mean()
+        self.norm, self.mean, self.amax = Norm(), Mean(), Amax()
 
     def forward(self, x):  # (1, 6, 8)
         x = self.position(torch.cat([x, x[:, :2]], dim=1))[:, :6]  # PositionIds takes 8 tokens
         x = self.views(x.transpose(0, 1)).transpose(0, 1)
-        return self.mean(self.norm(self.attention(x)))
+        x = self.norm(self.attention(x))
+        return self.mean(x) + self.amax(x)[:, :1]
 
 
 @pytest.fixture(scope="module")
