@@ -15,8 +15,8 @@ same math in the form ``difftx_edge/model.py`` uses to be fully delegated:
     layer_norm        layer_norm -> 4-D mean over dims [2, 3] and rsqrt
     mean              mean over any dims -> the one form XNNPACK takes: 4-D, dims [2, 3], keepdim
     amax              amax (no XNNPACK reduce-max) -> one max pooling window
-    views             select -> slice + reshape; squeeze/unsqueeze -> reshape (XNNPACK takes unsqueeze
-                      on the last dim only, and no squeeze or select)
+    views             select -> slice + reshape; split/chunk/unbind -> slices; squeeze/unsqueeze -> reshape
+                      (XNNPACK takes no select, split or squeeze, and unsqueeze on the last dim only)
 
 A rewrite replaces a node with a call of a plain tensor function below; the
 rewritten module is exported again, which traces that function into aten ops.
@@ -222,7 +222,8 @@ def attention_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return torch.bmm(torch.softmax(scores, dim=-1), v3).reshape(*batch, n, ev)
 
 
-def _additive_mask(mask: torch.Tensor | None, n: int, s: int, causal: bool) -> tuple[bool, torch.Tensor | None]:
+def _additive_mask(mask: torch.Tensor | None, n: int, s: int, causal: bool, dtype: torch.dtype
+                   ) -> tuple[bool, torch.Tensor | None]:
     """``(exact, mask)``: SDPA's mask as a float to add to the scores, None when it masks nothing.
 
     Not exact where a row is masked entirely: SDPA's safe softmax gives zeros
@@ -237,7 +238,7 @@ def _additive_mask(mask: torch.Tensor | None, n: int, s: int, causal: bool) -> t
             return True, None
         if not bool(mask.any(dim=-1).all()):
             return False, None
-        return True, torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        return True, torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
     if not bool((mask > float("-inf")).any(dim=-1).all()):
         return False, None
     return True, (mask if bool(mask.any()) else None)
@@ -261,7 +262,7 @@ def attention(module: GraphModule) -> int:
             continue
         if mask_node is not None and mask is None:  # computed from the input: rows unknown, kept as it is
             continue
-        exact, additive = _additive_mask(mask, q.shape[-2], k.shape[-2], call["is_causal"])
+        exact, additive = _additive_mask(mask, q.shape[-2], k.shape[-2], call["is_causal"], q.dtype)
         if not exact:
             continue
         scale = 1.0 / math.sqrt(q.shape[-1]) if call["scale"] is None else call["scale"]
