@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difftx_edge.convert import rewrites
 from difftx_edge.convert.rewrites import REWRITES, apply_rewrites
 
 TOLERANCE = 1e-6  # fp32: the same math, in another order
@@ -201,8 +202,10 @@ def test_all_rewrites_delegate_every_pattern_in_one_partition(all_patterns):
     assert outside(rewritten) == (1, {}), before
 
 
+@pytest.mark.parametrize("block", [256, 4])  # 4: the 6 queries in two blocks of scores, 4 and 2 rows
 @pytest.mark.parametrize("mask", ["none", "causal", "all-true", "padding", "hf-additive"])
-def test_attention_masks_keep_values(mask):
+def test_attention_masks_keep_values(mask, block, monkeypatch):
+    monkeypatch.setattr(rewrites, "QUERY_BLOCK", block)
     torch.manual_seed(0)
     example = torch.randn(1, 6, 8)
     program = torch.export.export(Attention(mask).eval(), (example,))
