@@ -332,15 +332,19 @@ def layer_norm(module: GraphModule) -> int:
     return count
 
 
+def _reduced_last(x: torch.Tensor, dims: list[int], keepdim: bool) -> tuple[torch.Tensor, list[int]]:
+    """``(x as (kept, reduced), shape of the result)``: the reduced dims (sorted, non-negative) moved last and
+    flattened, and the shape of a reduction over them with ``keepdim``."""
+    kept = [d for d in range(x.dim()) if d not in dims]
+    out_shape = [1 if d in dims else x.shape[d] for d in range(x.dim())] if keepdim else [x.shape[d] for d in kept]
+    moved = x.permute(*kept, *dims) if kept + dims != list(range(x.dim())) else x
+    return moved.reshape(math.prod(x.shape[d] for d in kept), math.prod(x.shape[d] for d in dims)), out_shape
+
+
 def mean_4d(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
     """x.mean(dims, keepdim) as the mean over dims [2, 3] of a 4-D tensor ``(1, kept, reduced, 1)``."""
-    reduced = sorted(d % x.dim() for d in dims)
-    kept = [d for d in range(x.dim()) if d not in reduced]
-    out_shape = [1 if d in reduced else x.shape[d] for d in range(x.dim())] if keepdim else \
-        [x.shape[d] for d in kept]
-    moved = x.permute(*kept, *reduced) if kept + reduced != list(range(x.dim())) else x
-    size_kept, size_reduced = math.prod(x.shape[d] for d in kept), math.prod(x.shape[d] for d in reduced)
-    return moved.reshape(1, size_kept, size_reduced, 1).mean(dim=[2, 3], keepdim=True).reshape(out_shape)
+    flat, out_shape = _reduced_last(x, dims, keepdim)
+    return flat.reshape(1, *flat.shape, 1).mean(dim=[2, 3], keepdim=True).reshape(out_shape)
 
 
 @register_rewrite("mean")
@@ -363,12 +367,8 @@ def mean(module: GraphModule) -> int:
 
 def amax_pool(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
     """x.amax(dims, keepdim) as one 2-D max pooling window over a ``(1, kept, 1, reduced)`` view."""
-    kept = [d for d in range(x.dim()) if d not in dims]
-    out_shape = [1 if d in dims else x.shape[d] for d in range(x.dim())] if keepdim else \
-        [x.shape[d] for d in kept]
-    moved = x.permute(*kept, *dims) if kept + dims != list(range(x.dim())) else x
-    size_kept, size_reduced = math.prod(x.shape[d] for d in kept), math.prod(x.shape[d] for d in dims)
-    pooled = F.max_pool2d(moved.reshape(1, size_kept, 1, size_reduced), (1, size_reduced))  # (1, kept, 1, 1)
+    flat, out_shape = _reduced_last(x, dims, keepdim)
+    pooled = F.max_pool2d(flat.reshape(1, flat.shape[0], 1, flat.shape[1]), (1, flat.shape[1]))  # (1, kept, 1, 1)
     return pooled.reshape(out_shape)
 
 

@@ -242,6 +242,22 @@ def test_every_registered_rewrite_meets_the_contract():
         assert isinstance(count, int) and count >= 0, name
 
 
+@pytest.mark.parametrize("dims", [[0], [1], [2], [0, 2], [1, 2], [0, 1, 2]])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_reductions_in_4d_form_equal_torch(dims, keepdim):
+    x = torch.randn(2, 3, 5)
+    torch.testing.assert_close(rewrites.mean_4d(x, dims, keepdim), x.mean(dims, keepdim), atol=TOLERANCE,
+                               rtol=TOLERANCE)
+    assert torch.equal(rewrites.amax_pool(x, dims, keepdim), x.amax(dims, keepdim))  # max is exact
+
+
+@pytest.mark.parametrize("shape", [[5], [3, 5]])
+def test_layer_norm_from_means_equals_torch(shape):
+    x = torch.randn(2, 3, 5) * 10 + 3
+    torch.testing.assert_close(rewrites.layer_norm_explicit(x, shape, None, None, 1e-5),
+                               F.layer_norm(x, shape), atol=TOLERANCE, rtol=TOLERANCE)
+
+
 def test_a_program_with_nothing_to_rewrite_comes_back_as_it_is():
     program = torch.export.export(nn.Linear(4, 2).eval(), (torch.randn(1, 4),))
     assert apply_rewrites(program) == (program, [])
