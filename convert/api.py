@@ -259,6 +259,7 @@ def _int8_program(quant_dir: Path, batch: int):
 def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = "all", precision: str = "fp32",
                 deployment_target: str = "iOS17", parity_batches: int = 8, threads: int = 1,
                 seed: int = 0, inputs: str | os.PathLike | None = None, calibration: str | os.PathLike | None = None,
+                rewrite: bool = True,
                 preprocess_note: str | None = None, on_result: OnResult | None = None,
                 quiet: Quiet | None = None) -> list[dict]:
     """Convert any model saved with ``torch.export.save`` to bundles, checked on example inputs.
@@ -338,6 +339,8 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
                          "--calibration has nothing to calibrate: leave it out")
     for spec in specs:
         spec.require(precision)  # again: a quantized program converts at int8, whatever was asked
+    # The rewritten program is what formats and quantizers get; parity holds it to the file's own module.
+    program, rewrites = _rewrite(program, rewrite)
     names = [name for name, _ in user_inputs(program)]
     given = npz_args(program, inputs, parity_batches) if inputs is not None else None
     if quantize:
@@ -382,7 +385,8 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
                            for input_name, x in zip(names, args[0], strict=True)],
                 "outputs": [{"name": "output", "shape": out_shape, "dtype": "float32"}],
                 "task": None, "preprocessing": preprocess_note, "source": source, "parity_inputs": parity_source,
-                "versions": versions(), "quantization": None}  # int8 quantized here: report() fills it in
+                "versions": versions(), "rewrites": rewrites,
+                "quantization": None}  # int8 quantized here: report() fills it in
         return build_bundle(spec, converted, precision, out=out, reference=reference, parity_inputs=args,
                             output_step=output_step, meta=meta, threads=threads, report=report,
                             options={"example": tuple(torch.from_numpy(x) for x in args[0]),
@@ -392,6 +396,22 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
     return _each_format(list(specs_by_bundle), build,
                         lambda name, err: _conversion_failure(specs_by_bundle[name].name, path.name, err, program),
                         on_result=on_result, quiet=quiet)
+
+
+def _rewrite(program, enabled: bool) -> tuple[torch.export.ExportedProgram, dict]:
+    """The program after the mobile rewrites (``convert/rewrites.py``), and the manifest's ``rewrites``."""
+    if not enabled:
+        return program, {"enabled": False, "reason": "--no-rewrite", "applied": []}
+    if any(not all(isinstance(d, int) for d in fake.shape) for _, fake in user_inputs(program)):
+        # Each rewrite re-exports the module with static example inputs; a dynamic program keeps its graph.
+        log.info("dynamic input shapes: the mobile rewrites were not applied")
+        return program, {"enabled": False, "reason": "the program has dynamic input shapes; the rewrites take "
+                                                     "static ones", "applied": []}
+    from difftx_edge.convert.rewrites import apply_rewrites
+
+    rewritten, applied = apply_rewrites(program)
+    log.info("rewrites applied: %s", ", ".join(f"{r['name']} x{r['count']}" for r in applied) or "none")
+    return rewritten, {"enabled": True, "applied": applied}
 
 
 def _outputs(module, args) -> list[np.ndarray]:

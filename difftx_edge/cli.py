@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="int8: samples of real data to calibrate with, laid out like --inputs (hundreds are "
                               "better than a few); the last 20%% (at least 1) are held back to check the artifact "
                               "against PyTorch. Without it, random samples calibrate: weak, and the manifest says so")
+    convert.add_argument("--no-rewrite", dest="rewrite", action="store_false",
+                         help="convert the program as saved: skip the mobile rewrites that put patterns XNNPACK "
+                              "refuses (attention masks, layer_norm, mean, select, split) into forms it delegates; "
+                              "the manifest's rewrites lists what they changed")
     convert.add_argument("--preprocess-note", default=None, metavar="TEXT",
                          help="how an app turns its raw input into the model's input (scaling, layout, "
                               "tokenizer); each manifest carries it as preprocessing")
@@ -223,7 +227,8 @@ def _convert(args: argparse.Namespace) -> int:
 
     return build_quietly("convert", args.out, lambda **hooks: convert_pt2(
         args.model, args.out, args.format, args.precision, args.deployment_target, threads=args.threads,
-        inputs=args.inputs, calibration=args.calibration, preprocess_note=args.preprocess_note, **hooks),
+        inputs=args.inputs, calibration=args.calibration, rewrite=args.rewrite,
+        preprocess_note=args.preprocess_note, **hooks),
         lambda manifest: _bundle_line(args.out, manifest))
 
 
