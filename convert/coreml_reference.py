@@ -219,11 +219,13 @@ def _input_array(name: str, var, value, types) -> np.ndarray:
 
 
 def _evaluate(op) -> tuple:
-    """The output values of ``op`` from its inputs' values, by coremltools' numpy code.
+    """The output values of ``op`` from its inputs' values, by coremltools' numpy code or :data:`_NUMPY_OPS`.
 
     Ops the converter must not constant-fold (the ``constexpr_*`` decompression ops and
     iOS17 ``dequantize``) keep their numpy code in ``materialized_val_inference``.
     """
+    if op.op_type in _NUMPY_OPS:
+        return _NUMPY_OPS[op.op_type](op)
     try:
         values = op.materialized_val_inference() if hasattr(op, "materialized_val_inference") else op.value_inference()
     except NotImplementedError as exc:
@@ -257,3 +259,72 @@ def _python_bool(var) -> None:
     """
     if isinstance(var.val, np.bool_):
         var._sym_val.val = bool(var.val)
+
+
+# Ops coremltools has no numpy code for, written here from their MIL op specs
+# (coremltools/converters/mil/mil/ops/defs/iOS15/). Each takes the op and returns its output values.
+
+
+def _conv(op) -> tuple:
+    """MIL ``conv`` (1-3 spatial dims): strides, dilations, groups, pad_type valid/same/same_lower/custom, bias.
+
+    im2col: every output position's receptive field becomes a row, and each group is one matmul,
+    ``(n * positions, C_in/groups * prod(K)) @ (C_in/groups * prod(K), C_out/groups)``. Computed in
+    at least float32; :func:`_bind` rounds to the declared dtype. The weight is whatever its producer
+    bound, so int8 weights arrive here already dequantized by their ``constexpr_*`` op.
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    dtype = np.result_type(op.x.val, op.weight.val, np.float32)
+    x, weight = np.asarray(op.x.val, dtype), np.asarray(op.weight.val, dtype)
+    n, c_in, *spatial = x.shape
+    c_out, _, *kernel = weight.shape
+    rank = len(kernel)
+    strides, dilations = [int(s) for s in op.strides.val], [int(d) for d in op.dilations.val]
+    groups = int(op.groups.val)
+    pads = _conv_pads(str(op.pad_type.val), spatial, kernel, strides, dilations, op.pad)
+
+    padded = np.pad(x, [(0, 0), (0, 0), *pads])
+    reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]  # the dilated kernel
+    axes = tuple(range(2, 2 + rank))
+    windows = sliding_window_view(padded, reach, axis=axes)  # (n, C_in, *positions, *reach), a view
+    # Every stride-th position, every dilation-th tap: (n, C_in, *d_out, *K).
+    windows = windows[(slice(None), slice(None), *(slice(None, None, s) for s in strides),
+                       *(slice(None, None, d) for d in dilations))]
+    d_out = windows.shape[2:2 + rank]
+    c_group, o_group, positions = c_in // groups, c_out // groups, int(np.prod(d_out, dtype=np.int64))
+    # (n, g, C_in/g, *d_out, *K) -> (g, n, *d_out, C_in/g, *K) -> rows of receptive fields per group.
+    windows = windows.reshape(n, groups, c_group, *d_out, *kernel)
+    order = (1, 0, *range(3, 3 + rank), 2, *range(3 + rank, 3 + 2 * rank))
+    columns = windows.transpose(order).reshape(groups, n * positions, -1)
+    filters = weight.reshape(groups, o_group, -1).transpose(0, 2, 1)  # (g, C_in/g * prod(K), C_out/g)
+    out = np.matmul(columns, filters)  # (g, n * positions, C_out/g)
+    out = out.reshape(groups, n, positions, o_group).transpose(1, 0, 3, 2).reshape(n, c_out, *d_out)
+    if op.bias is not None:
+        out = out + np.asarray(op.bias.val, dtype).reshape(c_out, *[1] * rank)
+    return (out,)
+
+
+def _conv_pads(pad_type: str, spatial, kernel, strides, dilations, pad) -> list[tuple[int, int]]:
+    """(before, after) padding per spatial dim, as MIL conv's ``pad_type`` defines it.
+
+    ``same``/``same_lower`` pad so that ``d_out = ceil(d_in / stride)``, the total as coremltools'
+    ``aggregated_pad`` computes it; ``same`` puts an odd pixel after (bottom/right, as TensorFlow's
+    SAME and Core ML's BOTTOM_RIGHT_HEAVY), ``same_lower`` before.
+    """
+    if pad_type == "valid":
+        return [(0, 0)] * len(kernel)
+    if pad_type == "custom":
+        values = [int(p) for p in pad.val]
+        return list(zip(values[0::2], values[1::2], strict=True))
+    if pad_type not in ("same", "same_lower"):
+        raise ValueError(f"conv pad_type {pad_type!r} is not one of valid, same, same_lower, custom")
+    pads = []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+        total = max(0, s * -(-size // s) - size + (k - 1) * d + 1 - s)
+        small, large = total // 2, total - total // 2
+        pads.append((small, large) if pad_type == "same" else (large, small))
+    return pads
+
+
+_NUMPY_OPS = {"conv": _conv}
