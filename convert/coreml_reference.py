@@ -327,4 +327,59 @@ def _conv_pads(pad_type: str, spatial, kernel, strides, dilations, pad) -> list[
     return pads
 
 
-_NUMPY_OPS = {"conv": _conv}
+def _max_pool(op) -> tuple:
+    """MIL ``max_pool``: the largest value per window; padding never wins (it holds -inf)."""
+    x = np.asarray(op.x.val)
+    kernel, strides, _, widths, out = _pool_geometry(op, x.shape[2:])
+    windows = _pool_windows(np.pad(x, [(0, 0), (0, 0), *widths], constant_values=-np.inf), kernel, strides, out)
+    return (windows.max(axis=tuple(range(-len(kernel), 0))),)
+
+
+def _avg_pool(op) -> tuple:
+    """MIL ``avg_pool``: each window's sum over its count, padding counted unless ``exclude_padding_from_average``.
+
+    A ``ceil_mode`` window that runs past the declared padding counts only what lies inside it
+    (PyTorch's rule; the spec is silent on that overhang).
+    """
+    dtype = np.result_type(op.x.val, np.float32)
+    x = np.asarray(op.x.val, dtype)
+    kernel, strides, declared, widths, out = _pool_geometry(op, x.shape[2:])
+    taps = tuple(range(-len(kernel), 0))
+    sums = _pool_windows(np.pad(x, [(0, 0), (0, 0), *widths]), kernel, strides, out).sum(axis=taps)
+    # What each position counts for: input 1, declared padding 1 (0 if excluded), ceil_mode's overhang 0.
+    counted = np.pad(np.ones(x.shape[2:], dtype), declared,
+                     constant_values=0.0 if bool(op.exclude_padding_from_average.val) else 1.0)
+    counted = np.pad(counted, [(0, after - pad_after) for (_, after), (_, pad_after) in zip(widths, declared)])
+    counts = _pool_windows(counted[None, None], kernel, strides, out).sum(axis=taps)
+    return (sums / counts,)
+
+
+def _pool_geometry(op, spatial):
+    """A pool's kernel, strides, declared (before, after) padding, the padding its windows need, output sizes.
+
+    The output sizes follow coremltools' own shape rule (floor or ``ceil_mode``); in ceil mode the last
+    window may reach past the declared padding, so the needed ``after`` can exceed the declared one.
+    """
+    from coremltools.converters.mil.mil.ops.defs._utils import spatial_dimensions_out_shape
+
+    kernel, strides = [int(k) for k in op.kernel_sizes.val], [int(s) for s in op.strides.val]
+    pad_type = str(op.pad_type.val)
+    declared = _conv_pads(pad_type, spatial, kernel, strides, [1] * len(kernel), op.pad)
+    out = [int(d) for d in spatial_dimensions_out_shape(
+        pad_type=pad_type, input_shape=tuple(spatial), kernel_shape=tuple(kernel), strides=tuple(strides),
+        custom_pad=None if op.pad is None else op.pad.val, ceil_mode=bool(op.ceil_mode.val))]
+    widths = [(before, max(after, (o - 1) * s + k - size - before))
+              for size, o, k, s, (before, after) in zip(spatial, out, kernel, strides, declared, strict=True)]
+    return kernel, strides, declared, widths, out
+
+
+def _pool_windows(padded: np.ndarray, kernel, strides, out) -> np.ndarray:
+    """The ``out`` windows of a padded ``(n, C, *spatial)`` array as a view, ``(n, C, *out, *kernel)``."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    windows = sliding_window_view(padded, kernel, axis=tuple(range(2, padded.ndim)))
+    return windows[(slice(None), slice(None),
+                    *(slice(0, (o - 1) * s + 1, s) for o, s in zip(out, strides, strict=True)))]
+
+
+_NUMPY_OPS = {"conv": _conv, "max_pool": _max_pool, "avg_pool": _avg_pool}
