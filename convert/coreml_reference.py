@@ -13,8 +13,11 @@ but coremltools:
   code (the ``value_inference`` the converter uses for constant folding, and
   ``materialized_val_inference`` for the ``constexpr_*`` weight-decompression
   ops and ``dequantize``), storing each result at the op's declared output
-  dtype (so a FLOAT16 program computes in float16 where its ops say so). An op
-  without such numpy code is refused with a ``ValueError`` naming it.
+  dtype (so a FLOAT16 program computes in float16 where its ops say so). The ops
+  coremltools has no numpy code for but convolutional models need (``conv``,
+  ``max_pool``, ``avg_pool``) are written here from their MIL op specs, in
+  ``_NUMPY_OPS``; any other op without numpy code is refused with a
+  ``ValueError`` naming it.
 
 This is NOT the Core ML runtime: it does not reproduce Core ML's kernels, its
 compute-unit choice (CPU, GPU, Neural Engine), their accumulation orders or
@@ -107,8 +110,9 @@ def reference_predict(package_path: str | os.PathLike, inputs: dict[str, np.ndar
 
     Each op of the default (``main``) function is evaluated in program order by its own
     ``value_inference`` (``materialized_val_inference`` for ``constexpr_*`` ops
-    and ``dequantize``); every result is stored at the op's declared output
-    dtype, as the program states it. The package is read afresh on each call.
+    and ``dequantize``; this module's numpy code for ``conv`` and pools); every
+    result is stored at the op's declared output dtype, as the program states it.
+    The package is read afresh on each call.
 
     Args:
         package_path: Path to the ``.mlpackage`` directory (an ML program).
@@ -310,7 +314,10 @@ def _conv_pads(pad_type: str, spatial, kernel, strides, dilations, pad) -> list[
 
     ``same``/``same_lower`` pad so that ``d_out = ceil(d_in / stride)``, the total as coremltools'
     ``aggregated_pad`` computes it; ``same`` puts an odd pixel after (bottom/right, as TensorFlow's
-    SAME and Core ML's BOTTOM_RIGHT_HEAVY), ``same_lower`` before.
+    SAME and Core ML's BOTTOM_RIGHT_HEAVY), ``same_lower`` before. (The spec's worked rule for an
+    even dilated kernel reads the other way round, against its own ``same_lower`` text; the converter
+    maps torch's ``padding="same"``, which pads an odd pixel after, to ``same``, and the tests hold
+    this against torch.)
     """
     if pad_type == "valid":
         return [(0, 0)] * len(kernel)
@@ -349,7 +356,8 @@ def _avg_pool(op) -> tuple:
     # What each position counts for: input 1, declared padding 1 (0 if excluded), ceil_mode's overhang 0.
     counted = np.pad(np.ones(x.shape[2:], dtype), declared,
                      constant_values=0.0 if bool(op.exclude_padding_from_average.val) else 1.0)
-    counted = np.pad(counted, [(0, after - pad_after) for (_, after), (_, pad_after) in zip(widths, declared)])
+    overhang = [(0, after - pad_after) for (_, after), (_, pad_after) in zip(widths, declared, strict=True)]
+    counted = np.pad(counted, overhang)
     counts = _pool_windows(counted[None, None], kernel, strides, out).sum(axis=taps)
     return (sums / counts,)
 
