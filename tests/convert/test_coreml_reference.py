@@ -254,8 +254,9 @@ def test_conv_matches_torch_functional(case, tmp_path):
     build, shape = CONVS[case]
     module, x = build().eval(), torch.randn(*shape)
     mlmodel = save_package(module, x, tmp_path / "m.mlpackage")
-    assert [op.op_type for op in mlmodel._mil_program.functions["main"].operations if op.op_type != "const"] == [
-        "conv"], "the package must hold the one MIL conv this test is about"
+    (conv,) = (op for op in mlmodel._mil_program.functions["main"].operations if op.op_type != "const")
+    assert conv.op_type == "conv", "the package must hold the one MIL conv this test is about"
+    assert conv.pad_type.val == ("same" if "same" in case else "valid" if case in ("1d", "2d") else "custom")
     out, ref = only_output(tmp_path / "m.mlpackage", x), eager(module, x)
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=0, atol=FP32_ATOL * np.abs(ref).max())
