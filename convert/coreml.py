@@ -45,13 +45,30 @@ def export(program, path: Path, precision: str, options: dict) -> dict:
     target = options.get("deployment_target") or "iOS17"
     if target not in TARGETS:
         raise ValueError(f"unknown Core ML deployment target {target!r}: use one of {', '.join(TARGETS)}")
-    # run_decompositions({}) turns the training IR into the ATen IR ct.convert reads.
-    model = ct.convert(program.run_decompositions({}), convert_to="mlprogram",
+    model = ct.convert(aten_program(program), convert_to="mlprogram",
                        minimum_deployment_target=getattr(ct.target, target),
                        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
                        skip_model_load=True)
     model.save(str(path))
     return {"deployment_target": target, "program": structure(path, precision)}
+
+
+def aten_program(program):
+    """The ATen IR that ``ct.convert`` reads, with recurrent layers unrolled into ops it converts.
+
+    ``run_decompositions`` turns the training IR into ATen IR. coremltools 9.0's ExportedProgram
+    frontend has no converter for ``aten.gru``/``lstm``/``rnn_tanh``/``rnn_relu`` (``Unsupported fx
+    node gru``), so torch's own decompositions of those unroll each layer over the exported (static)
+    sequence length into linear, sigmoid, tanh and elementwise ops; every other op stays as
+    ``run_decompositions({})`` leaves it.
+    """
+    import torch
+    from torch._decomp import get_decompositions
+
+    aten = torch.ops.aten
+    recurrent = [getattr(op, form) for op in (aten.gru, aten.lstm, aten.rnn_tanh, aten.rnn_relu)
+                 for form in ("input", "data")]
+    return program.run_decompositions(get_decompositions(recurrent))
 
 
 def structure(path: Path, precision: str) -> dict:

@@ -12,10 +12,12 @@ but coremltools:
   function op by op and evaluates each op with coremltools' own per-op numpy
   code (the ``value_inference`` the converter uses for constant folding, and
   ``materialized_val_inference`` for the ``constexpr_*`` weight-decompression
-  ops and ``dequantize``; coremltools has none for ``conv``, which is written
-  here from the op's specification), storing each result at the op's declared output
-  dtype (so a FLOAT16 program computes in float16 where its ops say so). An op
-  without such numpy code is refused with a ``ValueError`` naming it.
+  ops and ``dequantize``), storing each result at the op's declared output
+  dtype (so a FLOAT16 program computes in float16 where its ops say so). The ops
+  coremltools has no numpy code for but convolutional models need (``conv``,
+  ``max_pool``, ``avg_pool``) are written here from their MIL op specs, in
+  ``_NUMPY_OPS``; any other op without numpy code is refused with a
+  ``ValueError`` naming it.
 
 This is NOT the Core ML runtime: it does not reproduce Core ML's kernels, its
 compute-unit choice (CPU, GPU, Neural Engine), their accumulation orders or
@@ -108,8 +110,9 @@ def reference_predict(package_path: str | os.PathLike, inputs: dict[str, np.ndar
 
     Each op of the default (``main``) function is evaluated in program order by its own
     ``value_inference`` (``materialized_val_inference`` for ``constexpr_*`` ops
-    and ``dequantize``); every result is stored at the op's declared output
-    dtype, as the program states it. The package is read afresh on each call.
+    and ``dequantize``; this module's numpy code for ``conv`` and pools); every
+    result is stored at the op's declared output dtype, as the program states it.
+    The package is read afresh on each call.
 
     Args:
         package_path: Path to the ``.mlpackage`` directory (an ML program).
@@ -220,13 +223,13 @@ def _input_array(name: str, var, value, types) -> np.ndarray:
 
 
 def _evaluate(op) -> tuple:
-    """The output values of ``op`` from its inputs' values, by coremltools' numpy code.
+    """The output values of ``op`` from its inputs' values, by coremltools' numpy code or :data:`_NUMPY_OPS`.
 
     Ops the converter must not constant-fold (the ``constexpr_*`` decompression ops and
     iOS17 ``dequantize``) keep their numpy code in ``materialized_val_inference``.
     """
-    if op.op_type in _OWN:
-        return (_OWN[op.op_type](op),)
+    if op.op_type in _NUMPY_OPS:
+        return _NUMPY_OPS[op.op_type](op)
     try:
         values = op.materialized_val_inference() if hasattr(op, "materialized_val_inference") else op.value_inference()
     except NotImplementedError as exc:
@@ -262,46 +265,129 @@ def _python_bool(var) -> None:
         var._sym_val.val = bool(var.val)
 
 
-def _conv(op) -> np.ndarray:
-    """MIL ``conv`` (1-D to 3-D, strides, dilations, groups, every ``pad_type``) in float64, as the spec defines it.
+# Ops coremltools has no numpy code for, written here from their MIL op specs
+# (coremltools/converters/mil/mil/ops/defs/iOS15/). Each takes the op and returns its output values.
 
-    coremltools has no numpy code for it (a convolution is never constant-folded).
+
+def _conv(op) -> tuple:
+    """MIL ``conv`` (1-3 spatial dims): strides, dilations, groups, pad_type valid/same/same_lower/custom, bias.
+
+    im2col: every output position's receptive field becomes a row, and each group is one matmul,
+    ``(n * positions, C_in/groups * prod(K)) @ (C_in/groups * prod(K), C_out/groups)``. Computed in
+    at least float32; :func:`_bind` rounds to the declared dtype. The weight is whatever its producer
+    bound, so int8 weights arrive here already dequantized by their ``constexpr_*`` op.
     """
-    x, weight = np.asarray(op.x.val, np.float64), np.asarray(op.weight.val, np.float64)
-    kernel = weight.shape[2:]
-    spatial = len(kernel)
-    strides, dilations = [int(v) for v in op.strides.val], [int(v) for v in op.dilations.val]
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    dtype = np.result_type(op.x.val, op.weight.val, np.float32)
+    x, weight = np.asarray(op.x.val, dtype), np.asarray(op.weight.val, dtype)
+    n, c_in, *spatial = x.shape
+    c_out, _, *kernel = weight.shape
+    rank = len(kernel)
+    strides, dilations = [int(s) for s in op.strides.val], [int(d) for d in op.dilations.val]
     groups = int(op.groups.val)
-    pads = []
-    for i, size in enumerate(x.shape[2:]):
-        dilated = (kernel[i] - 1) * dilations[i] + 1
-        if op.pad_type.val == "custom":
-            pads.append((int(op.pad.val[2 * i]), int(op.pad.val[2 * i + 1])))
-        elif op.pad_type.val in ("same", "same_lower"):
-            total = max((-(-size // strides[i]) - 1) * strides[i] + dilated - size, 0)
-            small, large = total // 2, total - total // 2
-            pads.append((small, large) if op.pad_type.val == "same" else (large, small))
-        else:  # valid
-            pads.append((0, 0))
-    x = np.pad(x, [(0, 0), (0, 0), *pads])
-    dilated_kernel = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    # (N, C, *positions, *dilated kernel): every window, then every stride-th position and dilation-th tap.
-    windows = np.lib.stride_tricks.sliding_window_view(x, dilated_kernel, axis=tuple(range(2, 2 + spatial)))
+    pads = _conv_pads(str(op.pad_type.val), spatial, kernel, strides, dilations, op.pad)
+
+    padded = np.pad(x, [(0, 0), (0, 0), *pads])
+    reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]  # the dilated kernel
+    axes = tuple(range(2, 2 + rank))
+    windows = sliding_window_view(padded, reach, axis=axes)  # (n, C_in, *positions, *reach), a view
+    # Every stride-th position, every dilation-th tap: (n, C_in, *d_out, *K).
     windows = windows[(slice(None), slice(None), *(slice(None, None, s) for s in strides),
                        *(slice(None, None, d) for d in dilations))]
-    out_channels, in_per_group = weight.shape[0], weight.shape[1]
-    per_group = out_channels // groups
-    spatial_axes = "".join("hwd"[:spatial])
-    taps = "".join("klm"[:spatial])
-    parts = [np.einsum(f"nc{spatial_axes}{taps},oc{taps}->no{spatial_axes}",
-                       windows[:, g * in_per_group:(g + 1) * in_per_group],
-                       weight[g * per_group:(g + 1) * per_group], optimize=True)
-             for g in range(groups)]
-    y = np.concatenate(parts, axis=1)
+    d_out = windows.shape[2:2 + rank]
+    c_group, o_group, positions = c_in // groups, c_out // groups, int(np.prod(d_out, dtype=np.int64))
+    # (n, g, C_in/g, *d_out, *K) -> (g, n, *d_out, C_in/g, *K) -> rows of receptive fields per group.
+    windows = windows.reshape(n, groups, c_group, *d_out, *kernel)
+    order = (1, 0, *range(3, 3 + rank), 2, *range(3 + rank, 3 + 2 * rank))
+    columns = windows.transpose(order).reshape(groups, n * positions, -1)
+    filters = weight.reshape(groups, o_group, -1).transpose(0, 2, 1)  # (g, C_in/g * prod(K), C_out/g)
+    out = np.matmul(columns, filters)  # (g, n * positions, C_out/g)
+    out = out.reshape(groups, n, positions, o_group).transpose(1, 0, 3, 2).reshape(n, c_out, *d_out)
     if op.bias is not None:
-        y = y + np.asarray(op.bias.val, np.float64).reshape(1, -1, *([1] * spatial))
-    return y
+        out = out + np.asarray(op.bias.val, dtype).reshape(c_out, *[1] * rank)
+    return (out,)
 
 
-# Ops whose numpy code lives here, for want of any in coremltools.
-_OWN = {"conv": _conv}
+def _conv_pads(pad_type: str, spatial, kernel, strides, dilations, pad) -> list[tuple[int, int]]:
+    """(before, after) padding per spatial dim, as MIL conv's ``pad_type`` defines it.
+
+    ``same``/``same_lower`` pad so that ``d_out = ceil(d_in / stride)``, the total as coremltools'
+    ``aggregated_pad`` computes it; ``same`` puts an odd pixel after (bottom/right, as TensorFlow's
+    SAME and Core ML's BOTTOM_RIGHT_HEAVY), ``same_lower`` before. (The spec's worked rule for an
+    even dilated kernel reads the other way round, against its own ``same_lower`` text; the converter
+    maps torch's ``padding="same"``, which pads an odd pixel after, to ``same``, and the tests hold
+    this against torch.)
+    """
+    if pad_type == "valid":
+        return [(0, 0)] * len(kernel)
+    if pad_type == "custom":
+        values = [int(p) for p in pad.val]
+        return list(zip(values[0::2], values[1::2], strict=True))
+    if pad_type not in ("same", "same_lower"):
+        raise ValueError(f"conv pad_type {pad_type!r} is not one of valid, same, same_lower, custom")
+    pads = []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+        total = max(0, s * -(-size // s) - size + (k - 1) * d + 1 - s)
+        small, large = total // 2, total - total // 2
+        pads.append((small, large) if pad_type == "same" else (large, small))
+    return pads
+
+
+def _max_pool(op) -> tuple:
+    """MIL ``max_pool``: the largest value per window; padding never wins (it holds -inf)."""
+    x = np.asarray(op.x.val)
+    kernel, strides, _, widths, out = _pool_geometry(op, x.shape[2:])
+    windows = _pool_windows(np.pad(x, [(0, 0), (0, 0), *widths], constant_values=-np.inf), kernel, strides, out)
+    return (windows.max(axis=tuple(range(-len(kernel), 0))),)
+
+
+def _avg_pool(op) -> tuple:
+    """MIL ``avg_pool``: each window's sum over its count, padding counted unless ``exclude_padding_from_average``.
+
+    A ``ceil_mode`` window that runs past the declared padding counts only what lies inside it
+    (PyTorch's rule; the spec is silent on that overhang).
+    """
+    dtype = np.result_type(op.x.val, np.float32)
+    x = np.asarray(op.x.val, dtype)
+    kernel, strides, declared, widths, out = _pool_geometry(op, x.shape[2:])
+    taps = tuple(range(-len(kernel), 0))
+    sums = _pool_windows(np.pad(x, [(0, 0), (0, 0), *widths]), kernel, strides, out).sum(axis=taps)
+    # What each position counts for: input 1, declared padding 1 (0 if excluded), ceil_mode's overhang 0.
+    counted = np.pad(np.ones(x.shape[2:], dtype), declared,
+                     constant_values=0.0 if bool(op.exclude_padding_from_average.val) else 1.0)
+    overhang = [(0, after - pad_after) for (_, after), (_, pad_after) in zip(widths, declared, strict=True)]
+    counted = np.pad(counted, overhang)
+    counts = _pool_windows(counted[None, None], kernel, strides, out).sum(axis=taps)
+    return (sums / counts,)
+
+
+def _pool_geometry(op, spatial):
+    """A pool's kernel, strides, declared (before, after) padding, the padding its windows need, output sizes.
+
+    The output sizes follow coremltools' own shape rule (floor or ``ceil_mode``); in ceil mode the last
+    window may reach past the declared padding, so the needed ``after`` can exceed the declared one.
+    """
+    from coremltools.converters.mil.mil.ops.defs._utils import spatial_dimensions_out_shape
+
+    kernel, strides = [int(k) for k in op.kernel_sizes.val], [int(s) for s in op.strides.val]
+    pad_type = str(op.pad_type.val)
+    declared = _conv_pads(pad_type, spatial, kernel, strides, [1] * len(kernel), op.pad)
+    out = [int(d) for d in spatial_dimensions_out_shape(
+        pad_type=pad_type, input_shape=tuple(spatial), kernel_shape=tuple(kernel), strides=tuple(strides),
+        custom_pad=None if op.pad is None else op.pad.val, ceil_mode=bool(op.ceil_mode.val))]
+    widths = [(before, max(after, (o - 1) * s + k - size - before))
+              for size, o, k, s, (before, after) in zip(spatial, out, kernel, strides, declared, strict=True)]
+    return kernel, strides, declared, widths, out
+
+
+def _pool_windows(padded: np.ndarray, kernel, strides, out) -> np.ndarray:
+    """The ``out`` windows of a padded ``(n, C, *spatial)`` array as a view, ``(n, C, *out, *kernel)``."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    windows = sliding_window_view(padded, kernel, axis=tuple(range(2, padded.ndim)))
+    return windows[(slice(None), slice(None),
+                    *(slice(0, (o - 1) * s + 1, s) for o, s in zip(out, strides, strict=True)))]
+
+
+_NUMPY_OPS = {"conv": _conv, "max_pool": _max_pool, "avg_pool": _avg_pool}
