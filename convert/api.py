@@ -339,8 +339,8 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
                          "--calibration has nothing to calibrate: leave it out")
     for spec in specs:
         spec.require(precision)  # again: a quantized program converts at int8, whatever was asked
-    # The rewritten program is what formats and quantizers get; parity holds it to the file's own module.
-    program, rewrites = _rewrite(program, rewrite)
+    # The XNNPACK formats and their quantizers get the rewritten program; parity holds it to the file's own module.
+    rewritten, rewrites = _rewrite(program, rewrite) if any(spec.rewrites for spec in specs) else (program, None)
     names = [name for name, _ in user_inputs(program)]
     given = npz_args(program, inputs, parity_batches) if inputs is not None else None
     if quantize:
@@ -365,11 +365,12 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
         if spec.check == "reference" and len(names) > 1:
             raise ValueError(f"{spec.name}'s reference evaluation feeds one input, and this program has "
                              f"{len(names)}: convert it to the other formats")
-        converted, reference_module, output_step, report = program, module, step, None
+        source_program = rewritten if spec.rewrites else program
+        converted, reference_module, output_step, report = source_program, module, step, None
         if quantize:
             from difftx_edge.quantize.program import quantize_program
 
-            quantized = quantize_program(program, spec.quantizer, calibration_samples,
+            quantized = quantize_program(source_program, spec.quantizer, calibration_samples,
                                          dynamic=precision == "int8-dynamic")
             converted, reference_module = quantized.program, quantized.module
             output_step = quantized.output_step
@@ -385,7 +386,7 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
                            for input_name, x in zip(names, args[0], strict=True)],
                 "outputs": [{"name": "output", "shape": out_shape, "dtype": "float32"}],
                 "task": None, "preprocessing": preprocess_note, "source": source, "parity_inputs": parity_source,
-                "versions": versions(), "rewrites": rewrites,
+                "versions": versions(), "rewrites": rewrites if spec.rewrites else _NOT_REWRITTEN,
                 "quantization": None}  # int8 quantized here: report() fills it in
         return build_bundle(spec, converted, precision, out=out, reference=reference, parity_inputs=args,
                             output_step=output_step, meta=meta, threads=threads, report=report,
@@ -396,6 +397,10 @@ def convert_pt2(path: str | os.PathLike, out: str | os.PathLike, formats: str = 
     return _each_format(list(specs_by_bundle), build,
                         lambda name, err: _conversion_failure(specs_by_bundle[name].name, path.name, err, program),
                         on_result=on_result, quiet=quiet)
+
+
+_NOT_REWRITTEN = {"enabled": False, "reason": "the mobile rewrites are for XNNPACK (ExecuTorch, LiteRT); this "
+                  "format's converter and runtime take the program's own patterns", "applied": []}
 
 
 def _rewrite(program, enabled: bool) -> tuple[torch.export.ExportedProgram, dict]:

@@ -9,7 +9,7 @@ from difftx_edge.convert.registry import register_format
 
 # A .pte stores no tensor names, so the bundle keeps the program's I/O (no artifact_io).
 @register_format("executorch", filename="model.pte", precisions=("fp32", "int8", "int8-dynamic"), quantizer="xnnpack",
-                 extra="executorch", requires=("executorch",),
+                 extra="executorch", requires=("executorch",), rewrites=True,
                  manifest_keys={"delegation": "what the XNNPACK delegate took, and what it left out"})
 def export(program, path: Path, precision: str, options: dict) -> dict:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

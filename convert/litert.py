@@ -32,7 +32,7 @@ def _tensor(detail: dict) -> dict:
 @register_format("litert", filename="model.tflite", precisions=("fp32", "int8"), quantizer=QUANTIZER,
                  extra="litert", requires=("litert_torch", "ai_edge_litert"), artifact_io=artifact_io,
                  manifest_keys={"partitions": "how many pieces the XNNPACK delegate runs"},
-                 token_dtype="int32")  # LiteRT's embedding lookup takes int32 ids
+                 rewrites=True, token_dtype="int32")  # LiteRT's embedding lookup takes int32 ids
 def export(program, path: Path, precision: str, options: dict) -> dict:
     import litert_torch
 

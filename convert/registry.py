@@ -40,6 +40,9 @@ class FormatSpec:
             first output for one input batch, evaluated without the runtime.
         reference_name: with ``check="reference"``, what the manifest's ``parity.check`` says checked it.
         token_dtype: the dtype the artifact takes token ids in (the program's are int64).
+        rewrites: whether ``convert`` hands it the program after the mobile rewrites (``convert/rewrites.py``),
+            which put patterns XNNPACK refuses into forms it delegates; a runtime that fuses the original
+            patterns itself (ONNX Runtime's LayerNorm and attention fusions) is better off without them.
     """
 
     name: str
@@ -55,6 +58,7 @@ class FormatSpec:
     reference: Callable | None = None
     reference_name: str | None = None
     token_dtype: str = "int64"
+    rewrites: bool = False
 
     def __post_init__(self) -> None:
         if self.check not in ("runtime", "reference"):
@@ -87,7 +91,7 @@ FORMATS: dict[str, FormatSpec] = {}
 def register_format(name: str, *, filename: str, precisions: tuple[str, ...], quantizer: str, extra: str,
                     requires: tuple[str, ...], check: str = "runtime", manifest_keys: dict[str, str] | None = None,
                     artifact_io: Callable | None = None, reference: Callable | None = None,
-                    reference_name: str | None = None, token_dtype: str = "int64"):
+                    reference_name: str | None = None, token_dtype: str = "int64", rewrites: bool = False):
     """Register ``export(program, path, precision, options) -> dict`` as format ``name``; returns it unchanged.
 
     The keyword arguments are :class:`FormatSpec`'s fields; ``manifest_keys`` maps each key to what it holds.
@@ -96,7 +100,7 @@ def register_format(name: str, *, filename: str, precisions: tuple[str, ...], qu
     def wrap(export: Callable) -> Callable:
         FORMATS[name] = FormatSpec(name, filename, tuple(precisions), quantizer, extra, tuple(requires), check,
                                    export, tuple((manifest_keys or {}).items()), artifact_io, reference,
-                                   reference_name, token_dtype)
+                                   reference_name, token_dtype, rewrites)
         return export
 
     return wrap

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
@@ -306,3 +307,30 @@ def test_zoo_transformers_lower_in_one_piece(name):
     assert_same_values(program, rewritten, example)
     partitions, left = outside(rewritten)
     assert partitions <= 2 and set(left) <= {"aten_embedding_default"}, left
+
+
+@pytest.mark.slow
+def test_convert_rewrites_for_xnnpack_formats_only_and_no_rewrite_turns_them_off(tmp_path):
+    """convert rewrites what ExecuTorch lowers (one partition instead of several) and says so in the manifest;
+    ONNX gets the program as saved; --no-rewrite converts the graph as saved, split as before."""
+    from difftx_edge import zoo
+    from difftx_edge.cli import main
+
+    zoo.save("encoder-prenorm", tmp_path / "encoder.pt2", **TINY["encoder-prenorm"])
+
+    def manifest(out: str, fmt: str) -> dict:
+        return json.loads((tmp_path / out / f"{fmt}-fp32" / "manifest.json").read_text())
+
+    assert main(["convert", str(tmp_path / "encoder.pt2"), "--format", "executorch,onnx",
+                 "--out", str(tmp_path / "on")]) == 0
+    assert main(["convert", str(tmp_path / "encoder.pt2"), "--format", "executorch", "--no-rewrite",
+                 "--out", str(tmp_path / "off")]) == 0
+    rewritten, onnx, as_saved = manifest("on", "executorch"), manifest("on", "onnx"), manifest("off", "executorch")
+    assert rewritten["rewrites"]["enabled"]
+    assert {"attention", "layer_norm"} <= {r["name"] for r in rewritten["rewrites"]["applied"]}
+    assert rewritten["delegation"]["partitions"] == 1
+    assert set(rewritten["delegation"]["undelegated"]) == {"aten_embedding_default"}
+    assert not onnx["rewrites"]["enabled"] and not onnx["rewrites"]["applied"]
+    assert as_saved["rewrites"] == {"enabled": False, "reason": "--no-rewrite", "applied": []}
+    assert as_saved["delegation"]["partitions"] > 1
+    assert rewritten["parity"]["passed"] and as_saved["parity"]["passed"]
