@@ -103,7 +103,7 @@ def quantize_program(program: torch.export.ExportedProgram, quantizer: str,
         "weights": "per-channel int8", "activations": "int8, scale per tensor at run time" if dynamic
         else "int8, scale per tensor from calibration",
         "calibration_samples": len(samples), "kept_float": kept_float,
-        "int8_weights": pt2e.int8_weight_count(converted), "ops": pt2e.op_table(converted),
+        "int8_weights": pt2e.int8_weight_count(converted), "ops": _op_table(converted, dynamic),
         "output_step": step, "output_step_from": step_from,
     }
     return QuantizedProgram(static, converted, step, facts)
@@ -265,6 +265,26 @@ def _weight_only_conv(node: torch.fx.Node) -> bool:
     annotation = node.meta[Q_ANNOTATION_KEY]
     return (pt2e.op_name(node) in _CONVOLUTIONS and annotation.output_qspec is None
             and all(source.op == "get_attr" for source in annotation.input_qspec_map))
+
+
+def _op_table(converted: torch.fx.GraphModule, dynamic: bool) -> dict[str, dict[str, int]]:
+    """``pt2e.op_table``, where int8-dynamic counts as integer each op fed by a run-time quantized input.
+
+    Such an op (a dynamic Linear) has a float output, which op_table's static
+    pattern (dequantize in, quantize out) counts as float.
+    """
+    table = pt2e.op_table(converted)
+    if not dynamic:
+        return table
+    run_time = torch.ops.quantized_decomposed.dequantize_per_tensor.tensor
+    integer, floats = dict(table["integer"]), dict(table["float"])
+    for node in converted.graph.nodes:
+        if node.op == "call_function" and any(a.target == run_time for a in node.all_input_nodes):
+            name = pt2e.op_name(node)
+            integer[name] = integer.get(name, 0) + 1
+            floats[name] -= 1
+    return {"integer": dict(sorted(integer.items())),
+            "float": dict(sorted((k, v) for k, v in floats.items() if v))}
 
 
 def _output_step(converted: torch.fx.GraphModule, samples, dynamic: bool) -> tuple[float, str]:
