@@ -82,6 +82,7 @@ def quantize_program(program: torch.export.ExportedProgram, quantizer: str,
     if pt2e.is_quantized(module):
         raise ValueError("this program is quantized already (it holds PT2E quantize/dequantize ops): "
                          "convert it as it is, at int8")
+    folded = _fold_constant_slices(module)
     base = spec.dynamic_quantizer() if dynamic else spec.quantizer(qat=False)
     kept_float: list[str] = []
     prepared = pt2e.prepare(module, _ValueAwareQuantizer(base, samples, kept_float), qat=False)
@@ -101,11 +102,45 @@ def quantize_program(program: torch.export.ExportedProgram, quantizer: str,
     facts = {
         "quantizer": quantizer, "runtime": spec.runtime, "scheme": "dynamic" if dynamic else "static",
         "weights": "per-channel int8", "activations": _activations(converted, dynamic),
-        "calibration_samples": len(samples), "kept_float": kept_float,
+        "calibration_samples": len(samples), "kept_float": kept_float, "folded_slices": folded,
         "int8_weights": pt2e.int8_weight_count(converted), "ops": _op_table(converted, dynamic),
         "output_step": step, "output_step_from": step_from,
     }
     return QuantizedProgram(static, converted, step, facts)
+
+
+def _fold_constant_slices(module: torch.fx.GraphModule) -> int:
+    """Replace each slice of a stored tensor by the slice itself, a constant of its own; returns how many.
+
+    A learned position table of 2048 rows read as ``pos[:, :N]``: the float
+    exporters fold that slice and store N rows, but once the table is annotated
+    int8 it is a quantized constant they no longer fold, and the whole table
+    was stored: the int8 .tflite and .mlpackage of a zoo encoder at d_model 32
+    came out larger than fp32. At one static shape the slice is a constant.
+    """
+    aten = torch.ops.aten
+    slices = {aten.slice.Tensor, aten.narrow.default, aten.select.int}
+    folded = 0
+    for node in list(module.graph.nodes):
+        source = node.args[0] if node.op == "call_function" and node.target in slices else None
+        if not (isinstance(source, torch.fx.Node) and source.op == "get_attr"
+                and not any(isinstance(a, torch.fx.Node) for a in node.args[1:])):
+            continue
+        table = module
+        for part in source.target.split("."):
+            table = getattr(table, part)
+        name = f"_folded_slice_{folded}"
+        module.register_buffer(name, node.target(table, *node.args[1:]).detach().clone())
+        with module.graph.inserting_before(node):
+            constant = module.graph.get_attr(name)
+        constant.meta = dict(node.meta)
+        node.replace_all_uses_with(constant)
+        module.graph.erase_node(node)
+        folded += 1
+    if folded:
+        module.graph.eliminate_dead_code()
+        module.recompile()
+    return folded
 
 
 def _check_calibration(program: torch.export.ExportedProgram, calibration) -> list[tuple[torch.Tensor, ...]]:
