@@ -191,10 +191,23 @@ def test_describe_reports_interface_ops_and_weights(tmp_path):
 
 
 def test_an_op_without_numpy_code_is_refused_by_name(tmp_path):
-    conv = nn.Conv1d(2, 3, kernel_size=3).eval()
-    save_package(conv, torch.randn(1, 2, 8), tmp_path / "conv.mlpackage")
-    with pytest.raises(ValueError, match="no numpy implementation for op conv$"):
-        reference_predict(tmp_path / "conv.mlpackage", {"input": np.zeros((1, 2, 8), np.float32)})
+    save_package(nn.MaxPool1d(2).eval(), torch.randn(1, 2, 8), tmp_path / "pool.mlpackage")
+    with pytest.raises(ValueError, match="no numpy implementation for op max_pool$"):
+        reference_predict(tmp_path / "pool.mlpackage", {"input": np.zeros((1, 2, 8), np.float32)})
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv1d(4, 6, 5, padding=2), (2, 4, 11)),
+    (nn.Conv1d(3, 5, 3, dilation=2, stride=3), (1, 3, 20)),
+    (nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2), (1, 4, 9, 10)),
+    (nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), (1, 4, 8, 8)),  # depthwise
+])
+def test_conv_is_evaluated_as_eager_computes_it(tmp_path, conv, shape):
+    x = torch.randn(shape)
+    save_package(conv.eval(), x, tmp_path / "conv.mlpackage")
+    (out,) = reference_predict(tmp_path / "conv.mlpackage", {"input": x.numpy()}).values()
+    with torch.no_grad():
+        np.testing.assert_allclose(out, conv(x).numpy(), atol=1e-5)
 
 
 def test_inputs_must_match_the_program(tmp_path):
