@@ -29,7 +29,7 @@ def _tensor(detail: dict) -> dict:
     return tensor
 
 
-@register_format("litert", filename="model.tflite", precisions=("fp32", "int8"), quantizer=QUANTIZER,
+@register_format("litert", filename="model.tflite", precisions=("fp32", "int8", "int8-dynamic"), quantizer=QUANTIZER,
                  extra="litert", requires=("litert_torch", "ai_edge_litert"), artifact_io=artifact_io,
                  manifest_keys={"partitions": "how many pieces the XNNPACK delegate runs"},
                  rewrites=True, token_dtype="int32")  # LiteRT's embedding lookup takes int32 ids
@@ -39,17 +39,21 @@ def export(program, path: Path, precision: str, options: dict) -> dict:
     module = program.module()
     example = tuple(options["example"])
     quant_config = None
-    if precision == "int8":
+    quantized = precision in ("int8", "int8-dynamic")
+    if quantized:
         module = unfold_int8_weights(module)
         from litert_torch.quantize.quant_config import QuantConfig
 
         from difftx_edge.quantize import get_quantizer_spec
 
-        # Without the quantizer the file keeps float weights plus quantize/dequantize pairs.
-        quant_config = QuantConfig(pt2e_quantizer=get_quantizer_spec(QUANTIZER).quantizer(qat=False))
-    with strict_qdq() if precision == "int8" else contextlib.nullcontext():
+        # Without the quantizer the file keeps float weights plus quantize/dequantize pairs; the converter reads
+        # from it whether activation scales are static or computed at run time.
+        spec = get_quantizer_spec(QUANTIZER)
+        quantizer = spec.dynamic_quantizer() if precision == "int8-dynamic" else spec.quantizer(qat=False)
+        quant_config = QuantConfig(pt2e_quantizer=quantizer)
+    with strict_qdq() if quantized else contextlib.nullcontext():
         litert_torch.convert(module, example, quant_config=quant_config).export(str(path))
-    facts = rewrite_int8(path) if precision == "int8" else {}
+    facts = rewrite_int8(path) if quantized else {}
     delegation = LiteRTRunner(path, threads=1).delegation()
     return {**facts, "partitions": delegation["partitions"], "delegation": delegation}
 
