@@ -19,8 +19,8 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from difftx_edge.convert import FORMATS, PRECISIONS
-from difftx_edge.convert.api import parse_formats
+from difftx_edge.convert import FORMATS
+from difftx_edge.convert.api import EXPORT_PRECISIONS, parse_formats
 from difftx_edge.io import require_output_dir
 from difftx_edge.model import ModelConfig
 from difftx_edge.quantize import QuantConfig
@@ -77,10 +77,11 @@ class PipelineConfig:
         QuantConfig(run=self.out, epochs=self.qat_epochs, seed=self.seed, threads=self.threads)
         BenchConfig(bundles=[self.out], target=self.target, threads=self.bench_threads, runs=self.runs)
         target_class(self.target)  # raises ValueError for an unknown target
-        unknown = [p for p in self.precision_list() if p not in PRECISIONS]
+        # The pipeline exports its own runs: int8 from quantize; int8-dynamic is convert's, for other models.
+        unknown = [p for p in self.precision_list() if p not in EXPORT_PRECISIONS]
         if unknown:
             raise ValueError(f"unknown precision {unknown[0]!r}: use a comma-separated list of "
-                             f"{', '.join(PRECISIONS)}")
+                             f"{', '.join(EXPORT_PRECISIONS)}")
         formats = parse_formats(self.formats)
         for precision in self.precision_list():
             if not any(precision in FORMATS[f].precisions for f in formats):
@@ -90,7 +91,7 @@ class PipelineConfig:
     def precision_list(self) -> list[str]:
         names = list(dict.fromkeys(p.strip() for p in self.precisions.split(",") if p.strip()))
         if not names:
-            raise ValueError("no precision given: use --precisions with one or more of " + ", ".join(PRECISIONS))
+            raise ValueError("no precision given: use --precisions with one or more of " + ", ".join(EXPORT_PRECISIONS))
         return names
 
     def task_config(self) -> TaskConfig:

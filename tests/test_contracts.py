@@ -102,9 +102,13 @@ def test_every_quantizer_has_what_quantize_and_export_read(name):
     assert spec.extra and spec.requires and isinstance(spec.int32_bias, bool)
     assert isinstance(spec.runtime, str) and spec.runtime, "it names where its integer kernels run"
     assert any(fmt.quantizer == name for fmt in FORMATS.values()), "some format converts its programs"
-    assert parameters(spec.build) == ["qat"]
+    assert parameters(spec.build) == (["qat", "dynamic"] if spec.dynamic else ["qat"])
     for qat in (False, True):
         assert isinstance(spec.quantizer(qat), Quantizer)
+    if spec.dynamic:  # int8-dynamic, for convert: a format that lists it converts with this quantizer
+        assert isinstance(spec.dynamic_quantizer(), Quantizer)
+    formats_with_it = [fmt for fmt in FORMATS.values() if fmt.quantizer == name and "int8-dynamic" in fmt.precisions]
+    assert bool(formats_with_it) == spec.dynamic, "int8-dynamic is listed exactly where the quantizer has it"
 
 
 # Runtimes -----------------------------------------------------------------------------------------------------------
