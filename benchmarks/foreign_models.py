@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import command_line, machine_info, machine_markdown, write_json, write_text
@@ -105,6 +106,7 @@ class MatrixConfig:
     warmup: int = 3
     parity_batches: int = 8
     rewrite: str | None = None  # passed to convert_pt2 only where it has the parameter; None: its default
+    calibration_samples: int = 500  # int8's --calibration: 400 observed, 100 held back for parity and top-1
     sharpen_steps: int = 60  # Adam steps toward the model's own top-1 before converting; 0: random-init weights
     work: str = "/tmp/difftx-foreign-models"  # the .pt2 files, bundles and the toolchains' log
 
@@ -115,6 +117,8 @@ class MatrixConfig:
             if unknown or not given:
                 raise ValueError(f"unknown or no {what}(s) {', '.join(unknown)}: use one or more of "
                                  f"{', '.join(known)}")
+        if self.calibration_samples < 2:
+            raise ValueError(f"calibration_samples must be at least 2, got {self.calibration_samples}")
         if self.sharpen_steps < 0:
             raise ValueError(f"sharpen_steps must be 0 or more, got {self.sharpen_steps}")
         for name in ("threads", "runs", "long_runs", "parity_batches"):
@@ -179,9 +183,12 @@ def eager_latency(model: torch.nn.Module, example: torch.Tensor, runs: int, warm
         return p50(lambda: model(example), runs, warmup)
 
 
-def convert(pt2: Path, out: Path, fmt: str, precision: str, cfg: MatrixConfig, console: Console) -> tuple:
+def convert(pt2: Path, out: Path, fmt: str, precision: str, cfg: MatrixConfig, console: Console,
+            calibration: Path | None = None) -> tuple:
     """``convert_pt2`` for one format and precision: ``(manifest, None)`` or ``(None, one-line reason)``."""
     kwargs = {"formats": fmt, "precision": precision, "threads": cfg.threads, "parity_batches": cfg.parity_batches}
+    if calibration is not None and precision.startswith("int8"):
+        kwargs["calibration"] = calibration
     if cfg.rewrite is not None:
         kwargs["rewrite"] = rewrite_argument(cfg.rewrite)
     log = Path(cfg.work) / "toolchains.log"
@@ -229,6 +236,18 @@ def runtime_latency(fmt: str, bundle: Path, x, cfg: MatrixConfig, runs: int) -> 
     return p50(lambda: runner.run([x]), runs, cfg.warmup)
 
 
+def calibration_file(program, samples: int, path: Path) -> Path:
+    """``samples`` random samples drawn as convert draws its own (ids within the vocabulary, floats from a
+    standard normal: the sharpening inputs' distribution), as a --calibration .npz; convert holds the last 20%
+    back, enough for top-1 agreement to resolve 1 %."""
+    from difftx_edge.convert.inputs import example_args, user_inputs
+
+    draws, _ = example_args(program, 2, samples)
+    names = [name for name, _ in user_inputs(program)]
+    np.savez(path, **{name: np.stack([sample[i] for sample in draws]) for i, name in enumerate(names)})
+    return path
+
+
 def sharpen(model: torch.nn.Module, example: torch.Tensor, steps: int, seed: int = 1) -> dict:
     """Fine-tune a random-init model toward its own top-1 on random inputs, so its logits have margins.
 
@@ -273,7 +292,9 @@ def model_rows(name: str, cfg: MatrixConfig, work: Path, console: Console) -> tu
     console.say(f"{name}: logit margin (1st percentile) {sharpened['margin_p1_before']:.2g} at random init, "
                 f"{sharpened['margin_p1_after']:.2g} after {cfg.sharpen_steps} sharpening steps")
     pt2 = work / f"{name}.pt2"
-    torch.export.save(torch.export.export(model, (example,)), pt2)
+    program = torch.export.export(model, (example,))
+    torch.export.save(program, pt2)
+    calibration = calibration_file(program, cfg.calibration_samples, work / f"{name}-calibration.npz")
     eager = eager_latency(model, example, cfg.runs, cfg.warmup)
     with torch.inference_mode():
         eager["output_absmax"] = float(model(example).abs().max())  # the scale parity's errors read against
@@ -289,7 +310,7 @@ def model_rows(name: str, cfg: MatrixConfig, work: Path, console: Console) -> tu
                    "input_shape": list(example.shape), "tokens": tokens(name, sizes) or None,
                    "eager_p50_ms": eager["p50_ms"], "output_absmax": eager["output_absmax"],
                    "sharpened": sharpened}
-            manifest, reason = convert(pt2, work / name, fmt, precision, cfg, console)
+            manifest, reason = convert(pt2, work / name, fmt, precision, cfg, console, calibration)
             if manifest is None:
                 rows.append({**row, "status": "failed", "reason": reason})
                 console.say(f"  ✗ {reason}")
@@ -378,7 +399,8 @@ def run_matrix(cfg: MatrixConfig) -> dict:
             "long_runs": cfg.long_runs, "warmup": cfg.warmup, "parity_batches": cfg.parity_batches,
             "rewrite": rewrite_setting(cfg), "models": cfg.models, "formats": cfg.formats,
             "precisions": cfg.precisions, "not_offered": not_offered, "eager": eager, "rows": rows,
-            "scaling": scaling, "sharpen_steps": cfg.sharpen_steps, "notes": list(NOTES),
+            "scaling": scaling, "sharpen_steps": cfg.sharpen_steps,
+            "calibration_samples": cfg.calibration_samples, "notes": list(NOTES),
             "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -482,6 +504,8 @@ def main() -> None:
     parser.add_argument("--parity-batches", type=int, default=defaults.parity_batches)
     parser.add_argument("--rewrite", default=None,
                         help="convert_pt2's rewrite argument, where it has one; default: its own default")
+    parser.add_argument("--calibration-samples", type=int, default=defaults.calibration_samples,
+                        help="random samples in each model's --calibration file; convert holds back the last 20%%")
     parser.add_argument("--sharpen-steps", type=int, default=defaults.sharpen_steps,
                         help="Adam steps toward each model's own top-1 before converting, so its logits have a "
                              "trained model's margins; 0 converts the random-init weights")
@@ -493,7 +517,8 @@ def main() -> None:
                            precisions=_names(args.precisions), quick=args.quick, scaling=args.scaling,
                            threads=args.threads, runs=args.runs, long_runs=args.long_runs, warmup=args.warmup,
                            parity_batches=args.parity_batches, rewrite=args.rewrite,
-                           sharpen_steps=args.sharpen_steps, work=args.work)
+                           calibration_samples=args.calibration_samples, sharpen_steps=args.sharpen_steps,
+                           work=args.work)
     except ValueError as err:
         parser.error(str(err))
     print(write_results(run_matrix(cfg), args.out))
