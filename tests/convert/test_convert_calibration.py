@@ -251,20 +251,3 @@ def test_int8_without_calibration_warns_once_and_says_weak(mlp_pt2, tmp_path, ca
     assert len(warnings) == 1 and "weak" in warnings[0] and "--calibration" in warnings[0], warnings
     total = RANDOM_CALIBRATION + 1  # and the example saved in the .pt2
     check_quantization(manifest, samples=total, held_back=round(total * HOLD_BACK), weak=True)
-
-
-@pytest.mark.slow
-def test_a_zoo_cnn_converts_to_executorch_int8_with_calibration(tmp_path):
-    from difftx_edge import zoo
-
-    zoo.save("cnn-1d", tmp_path / "cnn.pt2", channels=16, seq_len=32, vocab=50)
-    ids = np.random.default_rng(0).integers(0, 50, (15, 1, 32))
-    path = _write(tmp_path / "cal.npz", ids=ids)
-    out = tmp_path / "out"
-    code = main(["convert", str(tmp_path / "cnn.pt2"), "--format", "executorch", "--precision", "int8",
-                 "--calibration", str(path), "--out", str(out)])
-    assert code == 0
-    manifest = json.loads((out / "executorch-int8" / MANIFEST).read_text())
-    quantization = check_quantization(manifest, samples=15, held_back=3, weak=False)
-    assert quantization["quantizer"] == "xnnpack"
-    assert manifest["delegation"]["delegated_ops"] > 0
