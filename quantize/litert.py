@@ -28,8 +28,10 @@ def build(qat: bool, dynamic: bool = False):
 
         def annotate(self, model):
             super().annotate(model)
-            # Kept as DEQUANTIZE ops by the export's strict-QDQ conversion (convert/litert.py).
-            annotate_float_tables(model, int8_weight_spec(qat, per_channel=True))
+            # Kept as DEQUANTIZE ops by the export's strict-QDQ conversion (convert/litert.py). A table of
+            # leading dimension 1 stays float: HF ViT's int8 class token and (1, 65, 128) position table put the
+            # .tflite 54 output steps from its PyTorch program, per channel or per tensor alike (0 steps float).
+            annotate_float_tables(model, int8_weight_spec(qat, per_channel=True), leading_one=False)
             return model
 
     # Dynamic: int8 weights per channel, activations quantized at run time (the converter reads is_dynamic).

@@ -171,7 +171,7 @@ def int8_weight_spec(qat: bool, per_channel: bool, quant_max: int = 127):
                             observer_or_fake_quant_ctr=ctor)
 
 
-def annotate_float_tables(graph, spec) -> int:
+def annotate_float_tables(graph, spec, *, leading_one: bool = True) -> int:
     """Store as int8 (weight-only, ``spec``) every parameter table the backend's annotations left float.
 
     These are the learned position table and the low-rank projections: they
@@ -181,7 +181,9 @@ def annotate_float_tables(graph, spec) -> int:
     already annotated and 1-D vectors are too small to matter. Embedding
     tables stay float, since a weight-only table is dequantized whole on every
     inference in some runtimes, a vocabulary's worth of work per lookup.
-    Returns how many tables were annotated.
+    ``leading_one=False`` leaves float the tables whose first dimension is 1
+    (HF's ``(1, 1, d)`` class tokens and ``(1, N, d)`` position tables), for a
+    backend that computes them wrong. Returns how many tables were annotated.
     """
     import torch
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
@@ -204,7 +206,7 @@ def annotate_float_tables(graph, spec) -> int:
     annotated = 0
     for node in graph.graph.nodes:
         table = parameters.get(node.target) if node.op == "get_attr" else None
-        if table is None or table.dim() < 2:
+        if table is None or table.dim() < 2 or (not leading_one and table.shape[0] == 1):
             continue
         users = list(node.users)
         if any(u.target == torch.ops.aten.embedding.default for u in users):

@@ -77,6 +77,20 @@ def test_int8_dynamic_runs_in_executorch(zoo_files, tmp_path):
     assert quantization["top1_agreement_fp32"][0] >= FP32_TOP1
 
 
+@pytest.mark.slow
+def test_litert_int8_dynamic_of_a_vit_keeps_its_class_token_and_position_table_float(tmp_path):
+    """HF ViT's (1, 1, d) class token and (1, N, d) position table stored as int8 put the .tflite 8.7 output
+    steps from its PyTorch program (54 at hidden 128); left float, it matches."""
+    model, example = zoo.build("vit", hidden=32, layers=1, heads=2, image_size=32, patch_size=8)
+    program = torch.export.export(model, (example,))
+    torch.export.save(program, tmp_path / "vit.pt2")
+    arrays, _ = example_args(program, 0, 20)
+    np.savez(tmp_path / "vit.npz", x=np.stack([x for (x,) in arrays]))
+    (manifest,) = convert_pt2(tmp_path / "vit.pt2", tmp_path / "out", "litert", "int8-dynamic",
+                              calibration=tmp_path / "vit.npz")
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_steps"] <= 2 + 1e-3
+
+
 class Masked(nn.Module):
     """Scores plus an additive -inf mask, then softmax: what attention does to padding."""
 
