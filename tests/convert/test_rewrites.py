@@ -296,7 +296,8 @@ TINY = {"encoder-prenorm": dict(d_model=16, heads=2, layers=1, seq_len=8),
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(TINY))
+# Post-norm and DistilBERT have no pattern the other three lack; benchmarks/foreign_models.py lowers all five.
+@pytest.mark.parametrize("name", ["bert", "encoder-prenorm", "vit"])
 def test_zoo_transformers_lower_in_one_piece(name):
     """Issue 17's target: at most 2 XNNPACK partitions, and nothing outside them but an embedding lookup."""
     from difftx_edge import zoo
