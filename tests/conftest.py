@@ -1,7 +1,10 @@
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 # The CI machine has 2 cores: pin torch so tests never oversubscribe them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -12,6 +15,47 @@ def unavailable(reason: str):
     if os.environ.get("CI"):
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+# -----------------------------------------------------------------------------
+# What the convert tests share: a small float model, hostile .npz files, and the one-line refusal.
+
+
+class MLP(nn.Module):
+    """(B, 12) -> (B, 5): a float program every format converts, in seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Payload:
+    """Pickled into an object array, it creates ``marker`` when unpickled: proof that a file ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def write_npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def assert_refused(code: int, err: str, needles, out: Path) -> None:
+    """A CLI call refused as bad input: exit 2, one line holding every needle, no traceback, nothing written
+    (no output folder, no log beside it, no marker a hostile payload would create)."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists() and not (out.parent / f"{out.name}.convert.log").exists()
+    assert not (out.parent / "PWNED").exists(), "the npz ran code"
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import MLP, Payload, assert_refused, write_npz
+
 from difftx_edge.cli import main
 from difftx_edge.convert import ExportConfig, convert_pt2
 from difftx_edge.convert.bundle import MANIFEST, sqnr_db, top1_agreement
@@ -36,15 +38,6 @@ class IdsAndFeatures(nn.Module):
 
     def forward(self, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.emb(ids).mean(1) + self.proj(features)))  # (B, 4)
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +65,6 @@ def _features(samples: int) -> np.ndarray:
     return np.random.default_rng(1).standard_normal((samples, *FEATURES)).astype(np.float32)
 
 
-def _write(path: Path, **arrays) -> Path:
-    np.savez(path, **arrays)
-    return path
-
-
 # -----------------------------------------------------------------------------
 # Several inputs
 
@@ -95,7 +83,7 @@ def test_random_samples_of_several_inputs_follow_each_input(two_inputs_pt2):
 
 
 def test_a_two_input_program_converts_with_parity(two_inputs_pt2, tmp_path):
-    inputs = _write(tmp_path / "real.npz", ids=_ids(3), features=_features(3))
+    inputs = write_npz(tmp_path / "real.npz", ids=_ids(3), features=_features(3))
     (manifest,) = convert_pt2(two_inputs_pt2, tmp_path / "out", "onnx", threads=1, inputs=inputs)
     assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_error"] <= 1e-4
     assert manifest["parity"]["samples"] == 3 * IDS[0]
@@ -113,13 +101,13 @@ def test_the_last_fifth_of_the_calibration_is_held_back(two_inputs_pt2, tmp_path
     from difftx_edge.untrusted import load_exported_program
 
     program = load_exported_program(two_inputs_pt2)
-    path = _write(tmp_path / "cal.npz", ids=_ids(10), features=_features(10))
+    path = write_npz(tmp_path / "cal.npz", ids=_ids(10), features=_features(10))
     observed, held, source = calibration_args(program, path)
     assert (len(observed), len(held)) == (8, 2) and HOLD_BACK == 0.2
     np.testing.assert_array_equal(held[-1][1], _features(10)[-1])  # file order: the last rows are held back
     assert source["from"] == "npz" and not source["weak"]
     assert (source["samples"], source["observed"], source["held_back"]) == (10, 8, 2)
-    _, held, _ = calibration_args(program, _write(tmp_path / "two.npz", ids=_ids(2), features=_features(2)))
+    _, held, _ = calibration_args(program, write_npz(tmp_path / "two.npz", ids=_ids(2), features=_features(2)))
     assert len(held) == 1, "at least one sample is held back"
 
 
@@ -146,47 +134,39 @@ def test_sqnr_and_top1_measure_what_they_say():
 # A bad --calibration: one line, exit 2, nothing written, no quantizer run
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
-
 BAD = {
     # name: (extra flags, how the --calibration file is made in tmp, words the error line must hold)
     "missing-file": ([], lambda tmp: tmp / "none.npz", ("calibration", "does not exist")),
     "not-an-npz": ([], lambda tmp: (tmp / "c.npz").write_text("ids\n") and tmp / "c.npz", ("not an .npz",)),
-    "object-array": ([], lambda tmp: _write(tmp / "o.npz", ids=np.array([{"a": 1}], dtype=object),
+    "object-array": ([], lambda tmp: write_npz(tmp / "o.npz", ids=np.array([{"a": 1}], dtype=object),
                                             features=_features(4)), ("plain arrays",)),
-    "pickle-payload": ([], lambda tmp: _write(tmp / "p.npz", ids=np.array([_Payload(tmp / "PWNED")], dtype=object),
+    "pickle-payload": ([], lambda tmp: write_npz(tmp / "p.npz", ids=np.array([Payload(tmp / "PWNED")], dtype=object),
                                               features=_features(4)), ("plain arrays",)),
-    "one-input-left-out": ([], lambda tmp: _write(tmp / "half.npz", ids=_ids(4)),
+    "one-input-left-out": ([], lambda tmp: write_npz(tmp / "half.npz", ids=_ids(4)),
                            ("no array 'features'", "give every input")),
-    "both-left-out": ([], lambda tmp: _write(tmp / "none_given.npz"), ("no arrays 'ids', 'features'",)),
-    "unknown-name": ([], lambda tmp: _write(tmp / "n.npz", ids=_ids(4), features=_features(4), x=_features(4)),
+    "both-left-out": ([], lambda tmp: write_npz(tmp / "none_given.npz"), ("no arrays 'ids', 'features'",)),
+    "unknown-name": ([], lambda tmp: write_npz(tmp / "n.npz", ids=_ids(4), features=_features(4), x=_features(4)),
                      ("'x' is not an input", "'ids', 'features'")),
-    "floats-for-ids": ([], lambda tmp: _write(tmp / "f.npz", ids=_ids(4).astype(np.float32), features=_features(4)),
+    "floats-for-ids": ([], lambda tmp: write_npz(tmp / "f.npz", ids=_ids(4).astype(np.float32), features=_features(4)),
                        ("'ids' is float32", "give integer values")),
-    "no-sample-axis": ([], lambda tmp: _write(tmp / "s.npz", ids=_ids(4)[0], features=_features(4)),
+    "no-sample-axis": ([], lambda tmp: write_npz(tmp / "s.npz", ids=_ids(4)[0], features=_features(4)),
                        ("'ids' has shape (2, 5)", "(S, 2, 5)")),
-    "nan": ([], lambda tmp: _write(tmp / "nan.npz", ids=_ids(4), features=np.full((4, *FEATURES), np.nan)),
+    "nan": ([], lambda tmp: write_npz(tmp / "nan.npz", ids=_ids(4), features=np.full((4, *FEATURES), np.nan)),
             ("'features' has NaN",)),
-    "inf": ([], lambda tmp: _write(tmp / "inf.npz", ids=_ids(4), features=np.full((4, *FEATURES), np.inf)),
+    "inf": ([], lambda tmp: write_npz(tmp / "inf.npz", ids=_ids(4), features=np.full((4, *FEATURES), np.inf)),
             ("'features' has NaN or inf",)),
-    "id-past-the-vocabulary": ([], lambda tmp: _write(tmp / "v.npz", ids=_ids(4, high=VOCAB + 3),
+    "id-past-the-vocabulary": ([], lambda tmp: write_npz(tmp / "v.npz", ids=_ids(4, high=VOCAB + 3),
                                                       features=_features(4)), ("embedding of 7 rows", "0..6")),
-    "sample-counts-differ": ([], lambda tmp: _write(tmp / "d.npz", ids=_ids(4), features=_features(5)),
+    "sample-counts-differ": ([], lambda tmp: write_npz(tmp / "d.npz", ids=_ids(4), features=_features(5)),
                              ("ids 4, features 5", "same number of rows")),
-    "one-sample": ([], lambda tmp: _write(tmp / "one.npz", ids=_ids(1), features=_features(1)),
+    "one-sample": ([], lambda tmp: write_npz(tmp / "one.npz", ids=_ids(1), features=_features(1)),
                    ("holds 1 sample", "at least 2")),
-    "fp32": (["--precision", "fp32"], lambda tmp: _write(tmp / "ok.npz", ids=_ids(4), features=_features(4)),
+    "fp32": (["--precision", "fp32"], lambda tmp: write_npz(tmp / "ok.npz", ids=_ids(4), features=_features(4)),
              ("--calibration calibrates int8", "--precision int8")),
-    "int8-dynamic-for-onnx": (["--precision", "int8-dynamic"], lambda tmp: _write(tmp / "ok.npz", ids=_ids(4),
+    "int8-dynamic-for-onnx": (["--precision", "int8-dynamic"], lambda tmp: write_npz(tmp / "ok.npz", ids=_ids(4),
                                                                                 features=_features(4)),
                               ("format onnx does not support precision int8-dynamic",)),
-    "with-inputs": (["--inputs", "INPUTS"], lambda tmp: _write(tmp / "ok.npz", ids=_ids(4), features=_features(4)),
+    "with-inputs": (["--inputs", "INPUTS"], lambda tmp: write_npz(tmp / "ok.npz", ids=_ids(4), features=_features(4)),
                     ("--calibration or --inputs, not both",)),
 }
 
@@ -200,13 +180,7 @@ def test_a_bad_calibration_is_one_line_exit_2_and_writes_nothing(name, two_input
     capfd.readouterr()
     code = main(["convert", str(two_inputs_pt2), "--format", "onnx", "--out", str(out), "--precision", "int8",
                  "--calibration", str(calibration), *flags])
-    err = capfd.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert not out.exists() and not (tmp_path / "out.convert.log").exists()
-    assert not (tmp_path / "PWNED").exists(), "the npz ran code"
+    assert_refused(code, capfd.readouterr().err, needles, out)
 
 
 def test_export_of_a_run_takes_no_int8_dynamic(tmp_path):
@@ -235,7 +209,7 @@ def check_quantization(manifest: dict, *, samples: int, held_back: int, weak: bo
 
 def test_int8_of_a_float_program_is_calibrated_on_the_file_and_measured_on_what_it_held_back(mlp_pt2, tmp_path):
     samples = np.random.default_rng(0).standard_normal((40, 2, 12)).astype(np.float32)
-    path = _write(tmp_path / "cal.npz", x=samples)
+    path = write_npz(tmp_path / "cal.npz", x=samples)
     (manifest,) = convert_pt2(mlp_pt2, tmp_path / "out", "onnx", "int8", threads=1, calibration=path)
     quantization = check_quantization(manifest, samples=40, held_back=8, weak=False)
     assert quantization["calibration"]["file"] == "cal.npz" and len(quantization["calibration"]["sha256"]) == 64

@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import Payload, assert_refused, write_npz
+
 from difftx_edge.cli import main
 from difftx_edge.convert import convert_pt2
 from difftx_edge.convert.bundle import MANIFEST
@@ -191,19 +193,6 @@ def test_given_inputs_are_the_parity_inputs_and_the_manifest_says_so(token_pt2, 
 # A bad --inputs file: one line, exit 2, nothing written
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
-
-def _write(path: Path, **arrays) -> Path:
-    np.savez(path, **arrays)
-    return path
-
-
 def _tokens(low: int = 0, high: int = VOCAB, shape=(2, *TOKENS)) -> np.ndarray:
     return np.random.default_rng(0).integers(low, high, shape)
 
@@ -216,29 +205,29 @@ BAD = {
                    ("not an .npz",)),
     "a-single-npy": ("tokens", lambda tmp: (np.save(tmp / "t.npy", _tokens()), tmp / "t.npy")[1],
                      ("single .npy",)),
-    "object-array": ("tokens", lambda tmp: _write(tmp / "o.npz", tokens=np.array([{"a": 1}], dtype=object)),
+    "object-array": ("tokens", lambda tmp: write_npz(tmp / "o.npz", tokens=np.array([{"a": 1}], dtype=object)),
                      ("plain arrays",)),
-    "pickle-payload": ("tokens", lambda tmp: _write(tmp / "p.npz", tokens=np.array([_Payload(tmp / "PWNED")],
+    "pickle-payload": ("tokens", lambda tmp: write_npz(tmp / "p.npz", tokens=np.array([Payload(tmp / "PWNED")],
                                                                                     dtype=object)),
                        ("plain arrays",)),
-    "unknown-name": ("tokens", lambda tmp: _write(tmp / "n.npz", tokens=_tokens(), labels=np.zeros(2)),
+    "unknown-name": ("tokens", lambda tmp: write_npz(tmp / "n.npz", tokens=_tokens(), labels=np.zeros(2)),
                      ("'labels' is not an input", "'tokens'")),
-    "input-not-given": ("tokens", lambda tmp: _write(tmp / "e.npz"), ("no array 'tokens'",)),
-    "floats-for-tokens": ("tokens", lambda tmp: _write(tmp / "f.npz", tokens=_tokens().astype(np.float32)),
+    "input-not-given": ("tokens", lambda tmp: write_npz(tmp / "e.npz"), ("no array 'tokens'",)),
+    "floats-for-tokens": ("tokens", lambda tmp: write_npz(tmp / "f.npz", tokens=_tokens().astype(np.float32)),
                           ("float32", "give integer values")),
-    "ints-for-floats": ("floats", lambda tmp: _write(tmp / "i.npz", x=np.zeros((1, 2, 4), np.int64)),
+    "ints-for-floats": ("floats", lambda tmp: write_npz(tmp / "i.npz", x=np.zeros((1, 2, 4), np.int64)),
                         ("int64", "give float values")),
-    "no-sample-axis": ("tokens", lambda tmp: _write(tmp / "s.npz", tokens=_tokens(shape=TOKENS)),
+    "no-sample-axis": ("tokens", lambda tmp: write_npz(tmp / "s.npz", tokens=_tokens(shape=TOKENS)),
                        ("(2, 6)", "(S, 2, 6)")),
-    "wrong-length": ("tokens", lambda tmp: _write(tmp / "l.npz", tokens=_tokens(shape=(2, 2, 7))), ("(S, 2, 6)",)),
-    "no-samples": ("tokens", lambda tmp: _write(tmp / "z.npz", tokens=_tokens(shape=(0, *TOKENS))), ("S >= 1",)),
-    "nan": ("floats", lambda tmp: _write(tmp / "nan.npz", x=np.full((1, 2, 4), np.nan, np.float32)), ("NaN",)),
-    "inf": ("floats", lambda tmp: _write(tmp / "inf.npz", x=np.full((1, 2, 4), -np.inf)), ("inf",)),
-    "too-large-for-float32": ("floats", lambda tmp: _write(tmp / "big.npz", x=np.full((1, 2, 4), 1e300)),
+    "wrong-length": ("tokens", lambda tmp: write_npz(tmp / "l.npz", tokens=_tokens(shape=(2, 2, 7))), ("(S, 2, 6)",)),
+    "no-samples": ("tokens", lambda tmp: write_npz(tmp / "z.npz", tokens=_tokens(shape=(0, *TOKENS))), ("S >= 1",)),
+    "nan": ("floats", lambda tmp: write_npz(tmp / "nan.npz", x=np.full((1, 2, 4), np.nan, np.float32)), ("NaN",)),
+    "inf": ("floats", lambda tmp: write_npz(tmp / "inf.npz", x=np.full((1, 2, 4), -np.inf)), ("inf",)),
+    "too-large-for-float32": ("floats", lambda tmp: write_npz(tmp / "big.npz", x=np.full((1, 2, 4), 1e300)),
                               ("too large for float32",)),
-    "id-past-the-vocabulary": ("tokens", lambda tmp: _write(tmp / "v.npz", tokens=_tokens(high=VOCAB + 1)),
+    "id-past-the-vocabulary": ("tokens", lambda tmp: write_npz(tmp / "v.npz", tokens=_tokens(high=VOCAB + 1)),
                                ("ids from 0 to 5", "embedding of 5 rows", "0..4")),
-    "negative-id": ("tokens", lambda tmp: _write(tmp / "m.npz", tokens=_tokens(low=-1)), ("ids from -1",)),
+    "negative-id": ("tokens", lambda tmp: write_npz(tmp / "m.npz", tokens=_tokens(low=-1)), ("ids from -1",)),
 }
 
 
@@ -259,10 +248,4 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(name, token_pt2, float
     capfd.readouterr()
     code = main(["convert", str(token_pt2 if which == "tokens" else float_pt2), "--format", "onnx", "--out",
                  str(out), "--inputs", str(inputs)])
-    err = capfd.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert not out.exists() and not (tmp_path / "out.convert.log").exists()
-    assert not (tmp_path / "PWNED").exists(), "the npz ran code"
+    assert_refused(code, capfd.readouterr().err, needles, out)

@@ -11,20 +11,12 @@ import json
 
 import pytest
 import torch
-from torch import nn
+
+from conftest import MLP
 
 from difftx_edge.cli import main
 from difftx_edge.convert import FORMATS, convert_pt2
 from difftx_edge.convert.bundle import MANIFEST
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 @pytest.fixture(scope="module")

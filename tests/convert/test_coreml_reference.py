@@ -99,19 +99,23 @@ def test_fp16_package_matches_eager_within_fp16_rounding(kind, tmp_path):
     assert set(info["weights"]) == {"fp16"} and info["ops"]["cast"] >= 1
 
 
+def save_int8_weights(mlmodel, path) -> None:
+    """Store ``mlmodel``'s weights as symmetric int8 with coremltools' own weight compression, at ``path``."""
+    import coremltools as ct
+
+    # weight_threshold 64: the default (2048 elements) would leave these small models' layers float.
+    op_config = ct.optimize.coreml.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=64)
+    ct.optimize.coreml.linear_quantize_weights(
+        mlmodel, config=ct.optimize.coreml.OptimizationConfig(global_config=op_config)).save(str(path))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target, decompress", [("iOS17", "constexpr_affine_dequantize"),
                                                 ("iOS18", "constexpr_blockwise_shift_scale")])
 def test_int8_weight_package_is_int8_and_close_to_eager(target, decompress, tmp_path):
-    import coremltools as ct
-
     model, x = small_model("hybrid")
     mlmodel = save_package(model, x, tmp_path / "fp32.mlpackage", target=target)
-    # weight_threshold 64: the default (2048 elements) would leave this small model's 32x32 layers float.
-    op_config = ct.optimize.coreml.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=64)
-    quantized = ct.optimize.coreml.linear_quantize_weights(
-        mlmodel, config=ct.optimize.coreml.OptimizationConfig(global_config=op_config))
-    quantized.save(str(tmp_path / "int8.mlpackage"))
+    save_int8_weights(mlmodel, tmp_path / "int8.mlpackage")
 
     info = describe(tmp_path / "int8.mlpackage")
     assert info["deployment_target"] == target
@@ -288,17 +292,12 @@ def test_pool_matches_torch(case, tmp_path):
 @pytest.mark.parametrize("target, decompress", [("iOS17", "constexpr_affine_dequantize"),
                                                 ("iOS18", "constexpr_blockwise_shift_scale")])
 def test_int8_conv_weights_are_dequantized_into_the_conv(target, decompress, tmp_path):
-    import coremltools as ct
-
     torch.manual_seed(0)
     model = Functional(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=16),
                                      nn.Conv2d(16, 8, 1))).eval()
     x = torch.randn(1, 8, 10, 10)
     mlmodel = save_package(model, x, tmp_path / "fp32.mlpackage", target=target)
-    op_config = ct.optimize.coreml.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=64)
-    quantized = ct.optimize.coreml.linear_quantize_weights(
-        mlmodel, config=ct.optimize.coreml.OptimizationConfig(global_config=op_config))
-    quantized.save(str(tmp_path / "int8.mlpackage"))
+    save_int8_weights(mlmodel, tmp_path / "int8.mlpackage")
 
     info = describe(tmp_path / "int8.mlpackage")
     assert info["ops"]["conv"] == 3 and info["ops"].get(decompress, 0) == 3  # 8*16*9, 16*9 and 16*8 elements
