@@ -266,7 +266,8 @@ def sharpen(model: torch.nn.Module, example: torch.Tensor, steps: int, seed: int
 
     def margin() -> float:  # the 1st percentile of the gap between the two largest logits
         with torch.no_grad():
-            top2 = model(inputs).reshape(-1, model(inputs[:1]).shape[-1]).topk(2, dim=-1).values
+            logits = model(inputs)
+        top2 = logits.reshape(-1, logits.shape[-1]).topk(2, dim=-1).values
         return float(torch.quantile(top2[:, 0] - top2[:, 1], 0.01))
 
     before = margin()
