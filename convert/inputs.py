@@ -286,19 +286,17 @@ def calibration_args(program, path: Path | None, *, given: list[tuple[np.ndarray
 
 def _program_example(program) -> list[tuple[np.ndarray, ...]]:
     """The example inputs saved with the program as one sample, when they fit its inputs; else none."""
-    saved = getattr(program, "example_inputs", None)
-    if not saved or saved[1] or len(saved[0]) != len(user_inputs(program)):
+    saved, inputs = getattr(program, "example_inputs", None), user_inputs(program)
+    if not saved or saved[1] or len(saved[0]) != len(inputs):
         return []
     sample = []
-    for tensor, (name, fake) in zip(saved[0], user_inputs(program)):
+    for tensor, (name, fake) in zip(saved[0], inputs):
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != fake.dtype or tensor.shape != fake.shape:
             return []
-        array = tensor.detach().cpu().numpy()
-        if fake.dtype.is_floating_point and not np.isfinite(array).all():
+        try:  # the checks a --calibration file passes: finite floats, ids the program can index
+            (array,) = _checked(program, Path("the program's example inputs"), name, fake,
+                                tensor.detach().cpu().numpy()[None])
+        except ValueError:
             return []
-        if not fake.dtype.is_floating_point and fake.dtype != torch.bool and array.size:
-            bound = min(sum(_index_bounds(program, name), []), default=None)
-            if bound is not None and (array.min() < 0 or array.max() >= bound):
-                return []
         sample.append(np.ascontiguousarray(array))
     return [tuple(sample)]
