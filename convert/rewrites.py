@@ -157,9 +157,7 @@ def _add_constant(module: GraphModule, value: torch.Tensor, before: Node) -> Nod
 def _constant(module: GraphModule, node) -> torch.Tensor | None:
     """The value a ``get_attr`` node reads, or None for any other node."""
     if isinstance(node, Node) and node.op == "get_attr":
-        value = module
-        for part in node.target.split("."):
-            value = getattr(value, part)
+        value = operator.attrgetter(node.target)(module)  # a dotted path: "layers.0.pos"
         return value if isinstance(value, torch.Tensor) else None
     return None
 

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -126,9 +127,7 @@ def _fold_constant_slices(module: torch.fx.GraphModule) -> int:
         if not (isinstance(source, torch.fx.Node) and source.op == "get_attr"
                 and not any(isinstance(a, torch.fx.Node) for a in node.args[1:])):
             continue
-        table = module
-        for part in source.target.split("."):
-            table = getattr(table, part)
+        table = operator.attrgetter(source.target)(module)  # a dotted path: "layers.0.pos"
         name = f"_folded_slice_{folded}"
         module.register_buffer(name, node.target(table, *node.args[1:]).detach().clone())
         with module.graph.inserting_before(node):
