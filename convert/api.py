@@ -197,7 +197,7 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
         else:
             # Exported afresh for each format: an exporter may rewrite the program's lifted constants in place.
             reference_module = model
-            program = torch.export.export(model.eval(), (example,))
+            program = run_program(model, (example,))
             quant_dir, step = None, None
 
         def reference(x: np.ndarray, module=reference_module) -> np.ndarray:
@@ -225,6 +225,35 @@ def export_run(cfg: ExportConfig, *, on_result: OnResult | None = None, quiet: Q
     return _each_format([f"{name}-{cfg.precision}" for name in specs], build,
                         lambda name, err: f"{type(err).__name__}: {_first_line(err)}", on_result=on_result,
                         quiet=quiet)
+
+
+def run_program(model: torch.nn.Module, example: tuple) -> torch.export.ExportedProgram:
+    """The fp32 program ``export`` hands every format's exporter: the model in eval mode at ``example``. Its node
+    names are what ``diff`` aligns an artifact's tensors by, so both make it here."""
+    return torch.export.export(model.eval(), example)
+
+
+def source_program_of_run(run: Path, precision: str, quantized_from: object, example: tuple
+                          ) -> torch.export.ExportedProgram:
+    """The program ``export`` made a bundle of ``precision`` from: the run's model (fp32), or the int8 program
+    in ``run / quantized_from`` (a manifest's ``RUN/int8/<backend>`` tail), each at ``example``'s shapes.
+
+    Raises:
+        ValueError: one line, when the run or its int8 program cannot be read.
+    """
+    if precision.startswith("int8"):
+        from difftx_edge.runtimes.registry import inside
+
+        if not isinstance(quantized_from, str):
+            raise ValueError(f"the bundle does not say which int8 program of {run} it was exported from "
+                             "(no quantized_from in its manifest): export it again")
+        quant_dir = inside(run, quantized_from, "int8 program folder")
+        program, _, _ = _int8_program(quant_dir, int(example[0].shape[0]))
+        return program
+    from difftx_edge.io import load_run
+
+    model, _ = load_run(run)
+    return run_program(model, example)
 
 
 def _int8_dir(cfg: ExportConfig, spec, N: int) -> Path:

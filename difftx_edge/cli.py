@@ -173,6 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
                                f"comma-separated names from {', '.join(STAGES)}")
     pipeline.set_defaults(handler=_pipeline)
 
+    from difftx_edge.runtimes.onnxruntime import OPTIMIZATION
+
+    diff = verbs.add_parser("diff", help="compare a bundle's intermediate tensors with PyTorch, node by node, and "
+                            "name the first that leaves tolerance (exit 1 when one does)")
+    diff.add_argument("bundle", metavar="BUNDLE", help="a bundle directory written by export")
+    diff.add_argument("--source", default=None, metavar="RUN",
+                      help="the run the bundle was exported from (default: the manifest's run, found in the working "
+                           "directory or beside the bundle)")
+    diff.add_argument("--inputs", default=None, metavar="FILE.npz",
+                      help="inputs named as in the bundle's manifest, (S, *shape); the first sample runs (default: "
+                           "the manifest's example inputs)")
+    diff.add_argument("--optimization", choices=OPTIMIZATION, default="all",
+                      help="ONNX Runtime's graph optimisation level for the run compared (onnx bundles)")
+    diff.add_argument("--against", choices=OPTIMIZATION, default=None, metavar="OPTIMIZATION",
+                      help="compare with the same .onnx run at this optimisation level instead of PyTorch: "
+                           f"{', '.join(OPTIMIZATION)}")
+    diff.add_argument("--tolerance", type=float, default=None,
+                      help="the largest error relative to a tensor's largest magnitude (default by precision: "
+                           "1e-4 fp32, 1e-2 fp16, 0.02 for float tensors of int8; int8 tensors: 2 steps)")
+    diff.add_argument("--threads", type=int, default=1)
+    diff.add_argument("--out", default=None, help="where diff.json, diff.md and diff.png go (default: BUNDLE.diff)")
+    diff.set_defaults(handler=_diff)
+
     formats = verbs.add_parser("formats", help="list the export formats, their precisions and extras")
     formats.set_defaults(handler=_formats)
     return parser
@@ -230,6 +253,33 @@ def _convert(args: argparse.Namespace) -> int:
         inputs=args.inputs, calibration=args.calibration, rewrite=args.rewrite,
         preprocess_note=args.preprocess_note, **hooks),
         lambda manifest: _bundle_line(args.out, manifest))
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from difftx_edge.pipeline.diff import diff_bundle, summary_line, write_report
+    from difftx_edge.quiet import Console, into_log, log_beside
+
+    if args.tolerance is not None and not args.tolerance > 0:
+        raise ValueError(f"--tolerance {args.tolerance} must be a positive relative error, such as 1e-4")
+    out = Path(args.out) if args.out else Path(f"{Path(args.bundle)}.diff")
+    log_path = log_beside(out, "diff")
+    with Console() as console:
+        def quiet(title: str):
+            return into_log(log_path, title, console)
+
+        report = diff_bundle(args.bundle, source=args.source, inputs=args.inputs, tolerance=args.tolerance,
+                             threads=args.threads,
+                             options={} if args.optimization == "all" else {"optimization": args.optimization},
+                             against=None if args.against is None else {"optimization": args.against}, quiet=quiet)
+        with quiet("diff report"):
+            written = write_report(report, out)
+        first = report.first_divergence
+        console.result(json.dumps({"bundle": args.bundle, "first_divergence": None if first is None else {
+            "node": first.node, "module": first.module, "op": first.op, "max_abs_error": first.max_abs_error,
+            "steps": first.steps, "sqnr_db": first.sqnr_db}, "coverage": round(report.coverage, 4),
+            **{kind: str(path) for kind, path in written.items()}}))
+        console.say(f"difftx-edge diff: {summary_line(report)}; the table is in {written['md']}")
+    return 1 if first is not None else 0
 
 
 def _bundle_line(out: str, manifest: dict) -> dict:

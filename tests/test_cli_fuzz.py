@@ -633,6 +633,28 @@ CASES = [
          ("is a file",)),
     Case("bench-no-bundles", lambda c: ["bench", "--out", c.p("r")]),
 
+    # --- diff
+    Case("diff-no-bundle", lambda c: ["diff"], ("required",)),
+    Case("diff-not-a-bundle", lambda c: ["diff", c.p("none"), "--out", c.p("d")], ("is not a bundle",)),
+    Case("diff-bundle-without-its-run", lambda c: ["diff", c.bundle(), "--out", c.p("d")], ("--source RUN",)),
+    Case("diff-source-not-a-run", lambda c: ["diff", str(c.world.bundle), "--source", c.file(), "--out", c.p("d")],
+         ("is not a run folder",)),
+    Case("diff-manifest-unknown-format", lambda c: ["diff", c.bundle(manifest_set("format", "tensorrt")),
+                                                    "--source", str(c.world.run), "--out", c.p("d")]),
+    Case("diff-int8-program-outside-the-run", lambda c: [
+        "diff", c.bundle(lambda m: m.update(precision="int8", quantized_from="../../elsewhere")), "--source",
+        str(c.world.run), "--out", c.p("d")], ("leaves the folder",)),
+    Case("diff-hostile-inputs", lambda c: ["diff", str(c.world.bundle), "--source", str(c.world.run), "--inputs",
+                                           hostile_npz(c), "--out", c.p("d")]),
+    Case("diff-inputs-of-another-shape", lambda c: ["diff", str(c.world.bundle), "--source", str(c.world.run),
+                                                    "--inputs", c.npz(x=np.zeros((2, 3), np.float32)), "--out",
+                                                    c.p("d")], ("shape",)),
+    Case("diff-against-for-another-format", lambda c: [
+        "diff", c.bundle(manifest_set("format", "litert")), "--source", str(c.world.run), "--against", "basic",
+        "--out", c.p("d")]),
+    Case("diff-tolerance-negative", lambda c: ["diff", str(c.world.bundle), "--tolerance", "-1", "--out",
+                                               c.p("d")], ("--tolerance",)),
+
     # --- pipeline
     Case("pipeline-unknown-task", lambda c: ["pipeline", "--out", c.p("p"), "--task", "imagenet"],
          ("invalid choice",)),
