@@ -224,15 +224,19 @@ def annotate_float_tables(graph, spec, *, leading_one: bool = True) -> int:
     return annotated
 
 
-def annotate_embedding_tables(graph, spec) -> int:
+def annotate_embedding_tables(graph, spec, *, constant_ids: bool) -> int:
     """Store each token embedding table as int8, weight-only (``spec``, per row); returns how many.
 
     No quantizer annotates ``aten.embedding``, and a 1000 x 128 vocabulary
     left in float was half of an int8 Transformer's artifact. Only the stored
     table is rounded: the lookup gathers its rows dequantized to float, and
     the ops after it are quantized as before. The formats turn the pair into
-    an int8 lookup (ExecuTorch ``embedding_byte``, dequantizing only the rows
-    gathered) or keep the DEQUANTIZE of the int8 table (LiteRT).
+    an int8 lookup that dequantizes only the rows gathered (ExecuTorch's
+    ``embedding_byte``, LiteRT's int8 ``EMBEDDING_LOOKUP``). A lookup by ids
+    that depend on no input (BERT's position and token-type ids) is a
+    constant, which the mobile rewrites fold away: ``constant_ids=False``
+    leaves its table float for a backend that then stores the folded rows
+    int8 itself (XNNPACK's int8 add takes them as its int8 input).
     """
     import torch
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
@@ -245,7 +249,7 @@ def annotate_embedding_tables(graph, spec) -> int:
             continue
         table = node.args[0]
         stored = parameters.get(table.target) if table.op == "get_attr" else None
-        if stored is None or stored.dim() != 2:
+        if stored is None or stored.dim() != 2 or not (constant_ids or _reads_an_input(node.args[1])):
             continue
         annotation = node.meta.get(Q_ANNOTATION_KEY)
         if annotation is None:
@@ -254,6 +258,19 @@ def annotate_embedding_tables(graph, spec) -> int:
             annotation.input_qspec_map[table] = spec
         annotated += 1
     return annotated
+
+
+def _reads_an_input(node) -> bool:
+    """Whether a graph value depends on one of the program's inputs (else it is a constant)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            return True
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return False
 
 
 def qualified_name(cls: type) -> str:
