@@ -124,6 +124,42 @@ def test_int8_pte_and_tflite_store_the_token_embedding_table_int8(zoo_files, tmp
     assert done.returncode == 0 and "(1, 10)" in done.stdout, done.stderr[-2000:]
 
 
+class TwoLookups(nn.Module):
+    """A token lookup and a lookup by constant position ids, as in BERT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(50, 8), nn.Embedding(16, 8)
+        self.register_buffer("position_ids", torch.arange(6))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, 6)
+        return self.head(self.tokens(ids) + self.positions(self.position_ids)).mean(1)
+
+
+@pytest.mark.parametrize("quantizer, int8_tables", [
+    ("xnnpack", [50]),  # the constant lookup is folded, and the int8 add takes its rows as int8
+    pytest.param("litert", [16, 50], marks=pytest.mark.slow),  # importing litert_torch alone takes ~10 s
+])
+def test_embedding_tables_are_stored_int8_one_scale_per_row(quantizer, int8_tables):
+    import operator
+
+    model = TwoLookups().eval()
+    samples = [(torch.randint(0, 50, (1, 6)),) for _ in range(4)]
+    module = quantize_program(torch.export.export(model, samples[0]), quantizer, samples).module
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    tables = [n.args[0] for n in module.graph.nodes
+              if n.target == torch.ops.aten.embedding.default and n.args[0].target == dequantize]
+    stored = {len(operator.attrgetter(t.args[0].target)(module)): t for t in tables}
+    assert sorted(stored) == int8_tables
+    int8, scales = (operator.attrgetter(a.target)(module) for a in stored[50].args[:2])
+    assert int8.dtype == torch.int8 and scales.shape == (50,)
+    # Each row within half its own step (max |row| / 127) of the float table: one scale per row.
+    weight = model.tokens.weight.detach()
+    step = weight.abs().amax(1, keepdim=True) / 127
+    assert ((int8.float() * scales[:, None] - weight).abs() <= step / 2 + 1e-6).all()
+
+
 class Masked(nn.Module):
     """Scores plus an additive -inf mask, then softmax: what attention does to padding."""
 
