@@ -43,7 +43,8 @@ from difftx_edge.threads import pin_threads
 
 KINDS = ("softmax", "local", "linear", "lowrank", "hybrid")
 MAX_LITERT_PARTITIONS = 2
-EMBEDDING_OPS = {"aten_embedding_default", "aten.embedding.default"}
+# int8 programs look up their int8 table with the quantized kernels' embedding_byte (convert/executorch.py).
+EMBEDDING_OPS = {"aten_embedding_default", "aten.embedding.default", "quantized_decomposed_embedding_byte_default"}
 
 
 def build_model(kind: str, max_len: int, seed: int) -> DiffTransformer:

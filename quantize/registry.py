@@ -179,8 +179,9 @@ def annotate_float_tables(graph, spec, *, leading_one: bool = True) -> int:
     .onnx at N=1024. The ops that read them keep computing in float: only the
     stored values are rounded, to a step of max|row| / 127. Linear weights are
     already annotated and 1-D vectors are too small to matter. Embedding
-    tables stay float, since a weight-only table is dequantized whole on every
-    inference in some runtimes, a vocabulary's worth of work per lookup.
+    tables are left to ``annotate_embedding_tables``: dequantized whole on every
+    inference, as some runtimes would, a table is a vocabulary's worth of work
+    per lookup, so their formats look up int8 rows instead.
     ``leading_one=False`` leaves float the tables whose first dimension is 1
     (HF's ``(1, 1, d)`` class tokens and ``(1, N, d)`` position tables), for a
     backend that computes them wrong. Returns how many tables were annotated.
@@ -221,6 +222,55 @@ def annotate_float_tables(graph, spec, *, leading_one: bool = True) -> int:
                 annotation.input_qspec_map[node] = spec
         annotated += 1
     return annotated
+
+
+def annotate_embedding_tables(graph, spec, *, constant_ids: bool) -> int:
+    """Store each token embedding table as int8, weight-only (``spec``, per row); returns how many.
+
+    No quantizer annotates ``aten.embedding``, and a 1000 x 128 vocabulary
+    left in float was half of an int8 Transformer's artifact. Only the stored
+    table is rounded: the lookup gathers its rows dequantized to float, and
+    the ops after it are quantized as before. The formats turn the pair into
+    an int8 lookup that dequantizes only the rows gathered (ExecuTorch's
+    ``embedding_byte``, LiteRT's int8 ``EMBEDDING_LOOKUP``). A lookup by ids
+    that depend on no input (BERT's position and token-type ids) is a
+    constant, which the mobile rewrites fold away: ``constant_ids=False``
+    leaves its table float for a backend that then stores the folded rows
+    int8 itself (XNNPACK's int8 add takes them as its int8 input).
+    """
+    import torch
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    parameters = dict(graph.named_parameters())
+    annotated = 0
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target != torch.ops.aten.embedding.default:
+            continue
+        table = node.args[0]
+        stored = parameters.get(table.target) if table.op == "get_attr" else None
+        if stored is None or stored.dim() != 2 or not (constant_ids or _reads_an_input(node.args[1])):
+            continue
+        annotation = node.meta.get(Q_ANNOTATION_KEY)
+        if annotation is None:
+            node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={table: spec}, _annotated=True)
+        else:
+            annotation.input_qspec_map[table] = spec
+        annotated += 1
+    return annotated
+
+
+def _reads_an_input(node) -> bool:
+    """Whether a graph value depends on one of the program's inputs (else it is a constant)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            return True
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return False
 
 
 def qualified_name(cls: type) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from difftx_edge.quantize.registry import (
+    annotate_embedding_tables,
     annotate_float_tables,
     float_module_types,
     int8_weight_spec,
@@ -34,6 +35,10 @@ def build(qat: bool, dynamic: bool = False):
             unannotate_float_modules(model)
             # Per tensor: the delegate runs a per-tensor dequantize of a constant, not a per-channel one.
             annotate_float_tables(model, int8_weight_spec(qat, per_channel=False))
+            # Per row: convert/executorch.py fuses the pair into the quantized kernels' embedding_byte. A lookup by
+            # constant ids is folded and its rows stored int8 as the int8 position add's input (BERT: 1 lookup
+            # outside the delegate, not 3, and a smaller .pte).
+            annotate_embedding_tables(model, int8_weight_spec(qat, per_channel=True), constant_ids=False)
             return model
 
     # Dynamic: int8 weights per channel, each Linear's input quantized per tensor at run time.

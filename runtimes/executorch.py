@@ -15,6 +15,7 @@ class ExecuTorchRunner:
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
 
+        _register_quantized_kernels()
         _unsafe_reset_threadpool(threads)
         self.path, self.threads = Path(path), threads
         self.method = Runtime.get().load_program(self.path).load_method("forward")
@@ -23,6 +24,8 @@ class ExecuTorchRunner:
     def import_runtime() -> None:
         import executorch.extension.pybindings.portable_lib  # noqa: F401
         import executorch.runtime  # noqa: F401
+
+        _register_quantized_kernels()
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         import torch
@@ -34,3 +37,12 @@ class ExecuTorchRunner:
         from importlib.metadata import version
 
         return {"runtime": "executorch", "runner": "python", "version": version("executorch"), "threads": self.threads}
+
+
+def _register_quantized_kernels() -> None:
+    """Register the quantized kernels with the runtime: an int8 .pte looks up its token embedding there.
+
+    The pybindings runtime holds the portable and optimized kernels only; without these, loading an int8 .pte
+    fails on ``quantized_decomposed::embedding_byte.out`` (``convert/executorch.py``).
+    """
+    import executorch.kernels.quantized  # noqa: F401

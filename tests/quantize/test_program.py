@@ -62,7 +62,8 @@ def test_static_int8_of_a_zoo_model_passes_parity_in_every_format(zoo_files, tmp
     assert manifest["rewrites"]["enabled"] == FORMATS[fmt].rewrites
     if fmt == "executorch":
         assert manifest["delegation"]["partitions"] == 1
-        assert set(manifest["delegation"]["undelegated"]) <= {"aten_embedding_default"}
+        # The lookup in the int8 table: the quantized kernels' embedding_byte.
+        assert set(manifest["delegation"]["undelegated"]) <= {"quantized_decomposed_embedding_byte_default"}
 
 
 @pytest.mark.slow
@@ -89,6 +90,74 @@ def test_litert_int8_dynamic_of_a_vit_keeps_its_class_token_and_position_table_f
     (manifest,) = convert_pt2(tmp_path / "vit.pt2", tmp_path / "out", "litert", "int8-dynamic",
                               calibration=tmp_path / "vit.npz")
     assert manifest["parity"]["passed"] and manifest["parity"]["max_steps"] <= 2 + 1e-3
+
+
+@pytest.mark.slow
+def test_int8_pte_and_tflite_store_the_token_embedding_table_int8(zoo_files, tmp_path):
+    """The 1000 x 16 vocabulary of the tiny encoder is stored int8 in the .pte and the .tflite (none of its float
+    rows is in either file; fp32, it alone outweighs the whole .pte), and both still pass parity."""
+    import subprocess
+    import sys
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from difftx_edge.untrusted import load_exported_program
+
+    pt2, calibration = zoo_files["encoder-prenorm"]
+    table = load_exported_program(pt2).state_dict["embed.weight"].detach()
+    manifests = convert_pt2(pt2, tmp_path, "executorch,litert", "int8", calibration=calibration)
+    for manifest in manifests:
+        assert manifest["parity"]["passed"] and manifest["parity"]["max_steps"] <= 2 + 1e-3, manifest["parity"]
+    pte, tflite = tmp_path / "executorch-int8" / "model.pte", tmp_path / "litert-int8" / "model.tflite"
+    for artifact in (pte, tflite):
+        stored = artifact.read_bytes()
+        assert not any(row.numpy().tobytes() in stored for row in table[:8]), f"{artifact.name} holds float rows"
+    assert pte.stat().st_size < table.numel() * 4
+    executorch = next(m for m in manifests if m["format"] == "executorch")
+    assert executorch["delegation"]["undelegated"] == {"quantized_decomposed_embedding_byte_default": 1}
+    tables = [d for d in Interpreter(model_path=str(tflite)).get_tensor_details() if list(d["shape"]) == [1000, 16]]
+    assert [d["dtype"] for d in tables] == [np.int8], tables
+    # A fresh process, as an app's: the runner itself must register the quantized kernel the lookup needs.
+    run = ("import sys, numpy as np; from difftx_edge.runtimes.executorch import ExecuTorchRunner; "
+           "print(ExecuTorchRunner(sys.argv[1]).run([np.zeros((1, 16), np.int64)])[0].shape)")
+    done = subprocess.run([sys.executable, "-c", run, str(pte)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "(1, 10)" in done.stdout, done.stderr[-2000:]
+
+
+class TwoLookups(nn.Module):
+    """A token lookup and a lookup by constant position ids, as in BERT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(50, 8), nn.Embedding(16, 8)
+        self.register_buffer("position_ids", torch.arange(6))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, 6)
+        return self.head(self.tokens(ids) + self.positions(self.position_ids)).mean(1)
+
+
+@pytest.mark.parametrize("quantizer, int8_tables", [
+    ("xnnpack", [50]),  # the constant lookup is folded, and the int8 add takes its rows as int8
+    pytest.param("litert", [16, 50], marks=pytest.mark.slow),  # importing litert_torch alone takes ~10 s
+])
+def test_embedding_tables_are_stored_int8_one_scale_per_row(quantizer, int8_tables):
+    import operator
+
+    model = TwoLookups().eval()
+    samples = [(torch.randint(0, 50, (1, 6)),) for _ in range(4)]
+    module = quantize_program(torch.export.export(model, samples[0]), quantizer, samples).module
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    tables = [n.args[0] for n in module.graph.nodes
+              if n.target == torch.ops.aten.embedding.default and n.args[0].target == dequantize]
+    stored = {len(operator.attrgetter(t.args[0].target)(module)): t for t in tables}
+    assert sorted(stored) == int8_tables
+    int8, scales = (operator.attrgetter(a.target)(module) for a in stored[50].args[:2])
+    assert int8.dtype == torch.int8 and scales.shape == (50,)
+    # Each row within half its own step (max |row| / 127) of the float table: one scale per row.
+    weight = model.tokens.weight.detach()
+    step = weight.abs().amax(1, keepdim=True) / 127
+    assert ((int8.float() * scales[:, None] - weight).abs() <= step / 2 + 1e-6).all()
 
 
 class Masked(nn.Module):
