@@ -259,7 +259,8 @@ def _moves_compared(node: torch.fx.Node, compared: set[str]) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # A bundle against its source: the runtimes' taps, the source program, the files written.
 
-# Each format's tap: (bundle, sample, threads, options) -> the artifact's tensors in its runtime.
+# Each format's tap: (bundle, program, sample, threads, options) -> the artifact's tensors in its runtime, each
+# naming the node of ``program`` (the source program) whose value it holds.
 TAPS: dict[str, Callable] = {}
 # The options each format's tap takes (what `diff --against` can vary).
 TAP_OPTIONS: dict[str, tuple[str, ...]] = {}
@@ -277,7 +278,7 @@ def register_tap(fmt: str, options: tuple[str, ...] = ()):
 
 
 @register_tap("onnx", options=("optimization",))
-def onnx_taps(bundle, sample: list[np.ndarray], threads: int, options: dict) -> list[Tap]:
+def onnx_taps(bundle, program, sample: list[np.ndarray], threads: int, options: dict) -> list[Tap]:
     """ONNX Runtime, with every value the exporter tagged with its source node made a graph output."""
     from difftx_edge.runtimes.onnxruntime import OnnxRuntimeRunner
 
@@ -371,11 +372,11 @@ def diff_bundle(bundle_path: str | os.PathLike, *, source: str | os.PathLike | N
         path = require_input_file(inputs, "inputs", "give an .npz of arrays named after the bundle's inputs")
         sample = list(read_samples(program, path)[0])
     with (quiet or (lambda title: contextlib.nullcontext()))(f"diff {bundle.path}"):
-        taps = TAPS[fmt](bundle, sample, threads, options or {})
+        taps = TAPS[fmt](bundle, program, sample, threads, options or {})
         if against is None:
             reference = reference_values(program, tuple(torch.from_numpy(x) for x in sample))
         else:
-            reference = {tap.node: tap.value for tap in TAPS[fmt](bundle, sample, threads, against)}
+            reference = {tap.node: tap.value for tap in TAPS[fmt](bundle, program, sample, threads, against)}
     report = compare(program, reference, taps, bundle.manifest["precision"], tolerance)
     report.bundle, report.source = str(bundle.path), str(found)
     report.reference = "pytorch" if against is None else ", ".join(f"{k}={v}" for k, v in sorted(against.items()))
