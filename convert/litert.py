@@ -51,7 +51,7 @@ def export(program, path: Path, precision: str, options: dict) -> dict:
         spec = get_quantizer_spec(QUANTIZER)
         quantizer = spec.dynamic_quantizer() if precision == "int8-dynamic" else spec.quantizer(qat=False)
         quant_config = QuantConfig(pt2e_quantizer=quantizer)
-    with strict_qdq() if quantized else contextlib.nullcontext():
+    with fx_tensor_names(), strict_qdq() if quantized else contextlib.nullcontext():
         litert_torch.convert(module, example, quant_config=quant_config).export(str(path))
     facts = rewrite_int8(path) if quantized else {}
     delegation = LiteRTRunner(path, threads=1).delegation()
@@ -127,6 +127,37 @@ def gelu_in_float(model) -> int:
             rewritten += 1
         graph.operators = operators
     return rewritten
+
+
+FX_NAME = "fx:"  # a .tflite tensor name lists the FX nodes it holds the value of: "fx:add_1;;fx:mean;"
+
+
+@contextlib.contextmanager
+def fx_tensor_names():
+    """Convert with each tensor named after the FX node(s) of the program handed to the converter.
+
+    litert-torch 0.10 names a tensor after the module path of its op
+    (``difftx_edge.zoo.EncoderClassifier/torch.nn.modules...;``), and keeps
+    the FX node name only in a nested MLIR location that the flatbuffer
+    drops. ``diff`` needs the node (``LiteRTRunner.intermediates``), and the
+    paths were 5-10 % of an int8 file. ``build_nodename_debuginfo`` walks
+    ``from_node`` back through the converter's own re-export and
+    decompositions, so the name is that of the program's node; an op the
+    converter fused lists each node it came from. Only names change: the
+    ops and values are the same.
+    """
+    from litert_torch.backend import debuginfo
+
+    build = debuginfo.build_mlir_debuginfo
+
+    def fx_name(node):
+        return f"{FX_NAME}{debuginfo.build_nodename_debuginfo(node) or node.name};"
+
+    debuginfo.build_mlir_debuginfo = fx_name
+    try:
+        yield
+    finally:
+        debuginfo.build_mlir_debuginfo = build
 
 
 @contextlib.contextmanager

@@ -235,10 +235,14 @@ def compare(program: torch.export.ExportedProgram, reference: dict[str, np.ndarr
 
 
 def _max_error(expected: np.ndarray, got: np.ndarray) -> float:
-    """The largest absolute difference; equal values count as none (a mask's -inf in both), and a
-    non-finite value in only one of the two as an infinite error."""
+    """The largest absolute difference; equal values count as none (a mask's -inf in both), and a NaN in
+    only one of the two as an infinite error."""
     if not expected.size:
         return 0.0
+    # Float kernels that clamp to the float32 range (LiteRT's builtin ones) hold -FLT_MAX where PyTorch
+    # overflowed to -inf (a mask added to a mask): the same value to every consumer.
+    largest = np.finfo(np.float32).max
+    expected, got = np.clip(expected, -largest, largest), np.clip(got, -largest, largest)
     with np.errstate(invalid="ignore"):
         difference = np.where(expected == got, 0.0, np.abs(got.astype(np.float64) - expected))
     return float(np.nan_to_num(difference, nan=np.inf).max())
@@ -284,6 +288,35 @@ def onnx_taps(bundle, program, sample: list[np.ndarray], threads: int, options: 
 
     runner = OnnxRuntimeRunner(bundle.artifact, threads, optimization=options.get("optimization", "all"))
     return [Tap(node, value, step) for node, value, step in runner.intermediates(sample)]
+
+
+@register_tap("litert")
+def litert_taps(bundle, program, sample: list[np.ndarray], threads: int, options: dict) -> list[Tap]:
+    """LiteRT's builtin kernels (not XNNPACK's: see ``LiteRTRunner.intermediates``), each tensor named after
+    the nodes the exporter's converter made it from.
+
+    A tensor of one node is that node's value (the last in execution order
+    wins). A fused op's tensor lists several nodes, and the converter
+    commutes ops inside it (a scalar MUL hoisted above a RESHAPE gave the
+    RESHAPE's tensor both names): its value is that of the last listed node
+    in graph order, and only when the sizes agree; else it is left out. The
+    graph outputs go to the program's outputs by position.
+    """
+    from difftx_edge.runtimes.litert import OUTPUT, LiteRTRunner
+
+    order = {node.name: index for index, node in enumerate(program.graph.nodes)}
+    sizes = {node.name: node.meta["val"].numel() for node in tensor_nodes(program)}
+    outputs = {f"{OUTPUT}{position}": getattr(node, "name", None)
+               for position, node in enumerate(program.graph.output_node().args[0])}
+    taps: dict[str, Tap] = {}
+    for names, value, step in LiteRTRunner(bundle.artifact, threads).intermediates(sample):
+        if names[0].startswith(OUTPUT):
+            node = outputs.get(names[0])
+        else:
+            node = max((name for name in names if name in order), key=order.__getitem__, default=None)
+        if node in sizes and (len(names) == 1 or sizes[node] == value.size):
+            taps[node] = Tap(node, value, step)
+    return list(taps.values())
 
 
 def find_source(bundle, source: str | os.PathLike | None) -> Path:

@@ -8,11 +8,19 @@ of them.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
 
 from difftx_edge.runtimes.registry import register_runtime
+
+# convert/litert.py names each tensor after the FX nodes it holds the value of: "fx:add_1;;fx:mean;", plus a
+# counter where a name repeats ("fx:linear;1"). A tensor named otherwise (a constant, the signature's input) or
+# named after one plus a suffix (the float twin of an int8 GELU, "fx:gelu;/float") is not tapped.
+_FX_NAMES = re.compile(r"(?:fx:[^;]+;;?)+\d*")
+# The graph outputs, which the converter names after the signature, come back named by position.
+OUTPUT = "output:"
 
 
 def interpreter_class():
@@ -41,6 +49,40 @@ class LiteRTRunner:
             self.interpreter.set_tensor(spec["index"], _to_input(x, spec))
         self.interpreter.invoke()
         return [_from_output(self.interpreter.get_tensor(spec["index"]), spec) for spec in self.outputs]
+
+    def intermediates(self, inputs: list[np.ndarray]) -> list[tuple[list[str], np.ndarray, float | None]]:
+        """``(FX nodes, value, int8 step)`` of every op output named after the FX nodes it came from, in
+        execution order, then of each graph output (named ``output:<position>``).
+
+        A second interpreter runs with every tensor preserved and without the
+        default XNNPACK delegate, whose intermediates read back as garbage (it
+        keeps its own buffers): ``diff`` therefore checks LiteRT's builtin
+        kernels on this file, not XNNPACK's. An op the converter fused lists
+        every node it came from, in no reliable order. int8 tensors come back
+        dequantized, with their scale as the step; per-channel ones (weights)
+        are left out.
+        """
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads,
+                                  experimental_preserve_all_tensors=True,
+                                  experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        interpreter.allocate_tensors()
+        for spec, x in zip(interpreter.get_input_details(), inputs, strict=True):
+            interpreter.set_tensor(spec["index"], _to_input(x, spec))
+        interpreter.invoke()
+        details = {d["index"]: d for d in interpreter.get_tensor_details()}
+        found = []
+        for op in interpreter._get_ops_details():
+            for index in op["outputs"]:
+                detail = details.get(index)
+                if detail is None or not _FX_NAMES.fullmatch(detail["name"]) or _per_channel(detail):
+                    continue
+                nodes = re.findall(r"fx:([^;]+);", detail["name"])
+                found.append((nodes, *_tapped(interpreter.get_tensor(index), detail)))
+        for position, spec in enumerate(interpreter.get_output_details()):
+            found.append(([f"{OUTPUT}{position}"], *_tapped(interpreter.get_tensor(spec["index"]), spec)))
+        return found
 
     def delegation(self) -> dict:
         """Partitions (one delegate node each), delegated and total ops, and the ops left to the interpreter.
@@ -88,6 +130,17 @@ def _to_input(x: np.ndarray, spec: dict) -> np.ndarray:
         info = np.iinfo(spec["dtype"])
         return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(spec["dtype"])
     return np.ascontiguousarray(x.astype(spec["dtype"], copy=False))
+
+
+def _per_channel(detail: dict) -> bool:
+    return len(detail.get("quantization_parameters", {}).get("scales", ())) > 1
+
+
+def _tapped(value: np.ndarray, detail: dict) -> tuple[np.ndarray, float | None]:
+    """A tensor as float, with its int8 step (its scale) when it is quantized."""
+    scale = detail["quantization"][0]
+    float_value = _from_output(value, detail).astype(np.float32, copy=False)
+    return float_value, (float(scale) if scale and np.issubdtype(value.dtype, np.integer) else None)
 
 
 def _from_output(y: np.ndarray, spec: dict) -> np.ndarray:
