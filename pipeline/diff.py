@@ -305,7 +305,8 @@ def litert_taps(bundle, program, sample: list[np.ndarray], threads: int, options
     from difftx_edge.runtimes.litert import OUTPUT, LiteRTRunner
 
     order = {node.name: index for index, node in enumerate(program.graph.nodes)}
-    sizes = {node.name: node.meta["val"].numel() for node in tensor_nodes(program)}
+    nodes = {node.name: node for node in tensor_nodes(program)}
+    sizes = {name: node.meta["val"].numel() for name, node in nodes.items()}
     outputs = {f"{OUTPUT}{position}": getattr(node, "name", None)
                for position, node in enumerate(program.graph.output_node().args[0])}
     taps: dict[str, Tap] = {}
@@ -314,9 +315,31 @@ def litert_taps(bundle, program, sample: list[np.ndarray], threads: int, options
             node = outputs.get(names[0])
         else:
             node = max((name for name in names if name in order), key=order.__getitem__, default=None)
-        if node in sizes and (len(names) == 1 or sizes[node] == value.size):
-            taps[node] = Tap(node, value, step)
+        if node not in sizes or (len(names) > 1 and sizes[node] != value.size):
+            continue
+        if step is not None and op_name(nodes[node]) not in QUANTIZE:
+            # An int8 tensor of a node the program computes in float: the converter moved the program's next
+            # quantize up through views and cat, so the tensor holds that quantize's value (clipped at its
+            # range), which is what it is compared with; the node itself only through a float tensor.
+            quantize = _next_quantize(nodes[node], step)
+            if quantize is not None:
+                if sizes[quantize] == value.size:
+                    taps[quantize] = Tap(quantize, value, step)
+                continue
+        taps[node] = Tap(node, value, step)
     return list(taps.values())
+
+
+def _next_quantize(node: torch.fx.Node, step: float) -> str | None:
+    """The quantize of scale ``step`` that ``node``'s value reaches through views and cat alone, if any."""
+    while len(node.users) == 1:
+        (node,) = node.users
+        if op_name(node) in QUANTIZE:
+            scale = node.args[1]
+            return node.name if isinstance(scale, float) and abs(scale - step) <= 1e-6 * step else None
+        if op_name(node) not in DATA_MOVEMENT | {"cat"}:
+            return None
+    return None
 
 
 def find_source(bundle, source: str | os.PathLike | None) -> Path:

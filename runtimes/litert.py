@@ -72,13 +72,23 @@ class LiteRTRunner:
             interpreter.set_tensor(spec["index"], _to_input(x, spec))
         interpreter.invoke()
         details = {d["index"]: d for d in interpreter.get_tensor_details()}
+        ops = interpreter._get_ops_details()
+        made = {index for op in ops for index in op["outputs"]}
+        made |= {spec["index"] for spec in interpreter.get_input_details()}
+        # The converter folds constant arithmetic across nodes: a Linear's bias went into the next add's
+        # constant ("fx:add;;fx:linear;"), and the tensor named "fx:linear;" then held x @ W.T alone. A node
+        # listed on a constant beside others is therefore not tapped on a tensor of its own.
+        folded = {node for index, detail in details.items() if index not in made
+                  for node in _fx_nodes(detail["name"]) if len(_fx_nodes(detail["name"])) > 1}
         found = []
-        for op in interpreter._get_ops_details():
+        for op in ops:
             for index in op["outputs"]:
                 detail = details.get(index)
                 if detail is None or not _FX_NAMES.fullmatch(detail["name"]) or _per_channel(detail):
                     continue
-                nodes = re.findall(r"fx:([^;]+);", detail["name"])
+                nodes = _fx_nodes(detail["name"])
+                if len(nodes) == 1 and nodes[0] in folded:
+                    continue
                 found.append((nodes, *_tapped(interpreter.get_tensor(index), detail)))
         for position, spec in enumerate(interpreter.get_output_details()):
             found.append(([f"{OUTPUT}{position}"], *_tapped(interpreter.get_tensor(spec["index"]), spec)))
@@ -130,6 +140,10 @@ def _to_input(x: np.ndarray, spec: dict) -> np.ndarray:
         info = np.iinfo(spec["dtype"])
         return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(spec["dtype"])
     return np.ascontiguousarray(x.astype(spec["dtype"], copy=False))
+
+
+def _fx_nodes(name: str) -> list[str]:
+    return re.findall(r"fx:([^;]+);", name) if _FX_NAMES.fullmatch(name) else []
 
 
 def _per_channel(detail: dict) -> bool:

@@ -93,12 +93,12 @@ def test_int8_tensors_are_judged_in_their_steps():
 
 
 # -----------------------------------------------------------------------------
-# In ONNX Runtime, from the command line
+# In ONNX Runtime and LiteRT, from the command line
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A one-epoch digits run, its corrupted copy, and an ONNX fp32 bundle of each."""
+    """A one-epoch digits run, its corrupted copy, and an ONNX and a LiteRT fp32 bundle of each."""
     from difftx_edge.convert import ExportConfig, export_run
     from difftx_edge.tasks import TaskConfig
     from difftx_edge.train import TrainConfig, train
@@ -108,7 +108,7 @@ def runs(tmp_path_factory):
     train(TrainConfig(out=str(run), epochs=1, threads=2), TaskConfig("digits"), TINY, progress=False)
     bad = corrupt(run, root / "bad")
     for source in (run, bad):
-        export_run(ExportConfig(run=str(source), out=str(root / f"{source.name}-bundles"), format="onnx",
+        export_run(ExportConfig(run=str(source), out=str(root / f"{source.name}-bundles"), format="onnx,litert",
                                 parity_batches=1, accuracy=False))
     return root
 
@@ -144,6 +144,37 @@ def test_onnx_diff_of_a_faithful_bundle(runs, capfd, tmp_path, monkeypatch):
     code, result, err = diff_cli(capfd, str(runs / "run-bundles" / "onnx-fp32"), "--against", "basic",
                                  "--out", str(tmp_path / "a"))
     assert code == 0 and result["first_divergence"] is None, err
+
+
+@pytest.mark.slow
+def test_litert_diff_names_the_corrupted_layer_and_passes_a_faithful_bundle(runs, capfd, tmp_path):
+    code, result, err = diff_cli(capfd, str(runs / "bad-bundles" / "litert-fp32"), "--source", str(runs / "run"),
+                                 "--out", str(tmp_path / "bad"))
+    assert code == 1, err
+    assert result["first_divergence"]["module"] == CORRUPTED and result["first_divergence"]["op"] == "linear"
+    assert result["coverage"] >= 0.9
+    code, result, err = diff_cli(capfd, str(runs / "run-bundles" / "litert-fp32"), "--source", str(runs / "run"),
+                                 "--out", str(tmp_path / "good"))
+    assert code == 0 and result["first_divergence"] is None, err
+    assert result["coverage"] >= 0.9
+
+
+@pytest.mark.slow
+def test_litert_int8_diff_covers_the_program(runs, capfd, tmp_path):
+    """An int8 .tflite against the int8 program quantize wrote. The converter moves each quantize up through
+    views and cat, and computes a Linear in int8: those int8 tensors are compared with the program's quantize
+    (exactly equal here), not with the float node they are named after, which its range clips."""
+    from difftx_edge.convert import ExportConfig, export_run
+    from difftx_edge.quantize import QuantConfig, quantize
+
+    run = shutil.copytree(runs / "run", tmp_path / "run")
+    quantize(QuantConfig(run=str(run), backend="litert", method="ptq", calib_batches=4, threads=2), progress=False)
+    export_run(ExportConfig(run=str(run), out=str(tmp_path / "bundles"), format="litert", precision="int8",
+                            parity_batches=1, accuracy=False))
+    code, result, err = diff_cli(capfd, str(tmp_path / "bundles" / "litert-int8"), "--source", str(run),
+                                 "--out", str(tmp_path / "d"))
+    assert code == 0 and result["first_divergence"] is None, err
+    assert result["coverage"] >= 0.9
 
 
 @pytest.mark.slow
