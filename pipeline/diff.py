@@ -101,6 +101,7 @@ class DiffReport:
     bundle: str = ""
     source: str = ""
     reference: str = "pytorch"  # what the taps were compared with: the source program, or another run's options
+    checked: str = ""  # which kernels computed the taps (the format's TAP_CHECKED)
 
     @property
     def compared(self) -> int:
@@ -118,7 +119,7 @@ class DiffReport:
     def to_json(self) -> dict:
         first = self.first_divergence
         return {"bundle": self.bundle, "source": self.source, "reference": self.reference,
-                "precision": self.precision, "nodes": self.nodes, "compared": self.compared,
+                "checked": self.checked, "precision": self.precision, "nodes": self.nodes, "compared": self.compared,
                 "covered_by_source": self.covered_by_source, "coverage": round(self.coverage, 4),
                 "first_divergence": asdict(first) if first else None, "unaligned": self.unaligned,
                 "rows": [asdict(row) for row in self.rows]}
@@ -264,26 +265,41 @@ def _moves_compared(node: torch.fx.Node, compared: set[str]) -> bool:
 TAPS: dict[str, Callable] = {}
 # The options each format's tap takes (what `diff --against` can vary).
 TAP_OPTIONS: dict[str, tuple[str, ...]] = {}
+# What each format's tap runs, which the report states: the bundle's own file, or another build of its program.
+TAP_CHECKED: dict[str, str] = {}
 
 
-def register_tap(fmt: str, options: tuple[str, ...] = ()):
-    """Register the function that exposes format ``fmt``'s intermediate tensors, taking ``options``; returns
-    it unchanged."""
+def register_tap(fmt: str, options: tuple[str, ...] = (), checked: str = ""):
+    """Register the function that exposes format ``fmt``'s intermediate tensors, taking ``options``, whose
+    tensors come from the kernels ``checked`` says; returns it unchanged."""
 
     def wrap(function: Callable) -> Callable:
-        TAPS[fmt], TAP_OPTIONS[fmt] = function, options
+        TAPS[fmt], TAP_OPTIONS[fmt], TAP_CHECKED[fmt] = function, options, checked
         return function
 
     return wrap
 
 
-@register_tap("onnx", options=("optimization",))
+@register_tap("onnx", options=("optimization",),
+              checked="ONNX Runtime's kernels, the bundle's .onnx with its tagged values made graph outputs")
 def onnx_taps(bundle, program, sample: list[np.ndarray], threads: int, options: dict) -> list[Tap]:
     """ONNX Runtime, with every value the exporter tagged with its source node made a graph output."""
     from difftx_edge.runtimes.onnxruntime import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(bundle.artifact, threads, optimization=options.get("optimization", "all"))
     return [Tap(node, value, step) for node, value, step in runner.intermediates(sample)]
+
+
+# ExecuTorch's portable kernels, not the bundle's XNNPACK delegate: ETDump sees the delegate as one opaque call,
+# and tapping the delegate's intermediates as extra outputs (devtools.intermediate_output_tap) splits an int8
+# program into many partitions. One undelegated build serves fp32 and int8 alike (docs/export.md).
+@register_tap("executorch", checked="portable kernels, an undelegated build of the same program")
+def executorch_taps(bundle, program, sample: list[np.ndarray], threads: int, options: dict) -> list[Tap]:
+    """ExecuTorch's portable kernels on ``program`` lowered again without XNNPACK, every instruction's output
+    kept by ETDump (``convert/executorch.py``: ``portable_intermediates``)."""
+    from difftx_edge.convert.executorch import portable_intermediates
+
+    return [Tap(node, value, step) for node, value, step in portable_intermediates(program, sample)]
 
 
 def find_source(bundle, source: str | os.PathLike | None) -> Path:
@@ -378,7 +394,7 @@ def diff_bundle(bundle_path: str | os.PathLike, *, source: str | os.PathLike | N
         else:
             reference = {tap.node: tap.value for tap in TAPS[fmt](bundle, program, sample, threads, against)}
     report = compare(program, reference, taps, bundle.manifest["precision"], tolerance)
-    report.bundle, report.source = str(bundle.path), str(found)
+    report.bundle, report.source, report.checked = str(bundle.path), str(found), TAP_CHECKED[fmt]
     report.reference = "pytorch" if against is None else ", ".join(f"{k}={v}" for k, v in sorted(against.items()))
     return report
 
@@ -413,7 +429,8 @@ def render_table(report: DiffReport) -> str:
             for row in report.rows]
     against = (f"the source program of {report.source}" if report.reference == "pytorch"
                else f"the same artifact run with {report.reference}")
-    lines = [f"# diff: {report.bundle} against {against}", "", summary_line(report), "",
+    checked = [f"The artifact's tensors come from {report.checked}.", ""] if report.checked else []
+    lines = [f"# diff: {report.bundle} against {against}", "", *checked, summary_line(report), "",
              markdown_table(header, rows)]
     if report.unaligned:
         lines += ["", f"Not compared (the artifact keeps no tensor of them): {', '.join(report.unaligned)}."]
