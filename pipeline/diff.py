@@ -290,16 +290,38 @@ def onnx_taps(bundle, program, sample: list[np.ndarray], threads: int, options: 
     return [Tap(node, value, step) for node, value, step in runner.intermediates(sample)]
 
 
-# ExecuTorch's portable kernels, not the bundle's XNNPACK delegate: ETDump sees the delegate as one opaque call,
-# and tapping the delegate's intermediates as extra outputs (devtools.intermediate_output_tap) splits an int8
-# program into many partitions. One undelegated build serves fp32 and int8 alike (docs/export.md).
-@register_tap("executorch", checked="portable kernels, an undelegated build of the same program")
+# ExecuTorch: a .pte cannot expose its intermediates (ETDump sees the XNNPACK delegate as one opaque call, and
+# tapping the delegate's tensors as extra outputs, devtools.intermediate_output_tap, splits an int8 program into
+# many partitions). So the bundle's program is lowered again without XNNPACK and run on the portable kernels,
+# one build for fp32 and int8 alike; the outputs are the bundle's .pte's own (docs/export.md).
+@register_tap("executorch", checked="portable kernels, an undelegated build of the bundle's program; its outputs "
+                                    "from the bundle's .pte (XNNPACK)")
 def executorch_taps(bundle, program, sample: list[np.ndarray], threads: int, options: dict) -> list[Tap]:
-    """ExecuTorch's portable kernels on ``program`` lowered again without XNNPACK, every instruction's output
-    kept by ETDump (``convert/executorch.py``: ``portable_intermediates``)."""
-    from difftx_edge.convert.executorch import portable_intermediates
+    """The intermediates of the bundle's program on ExecuTorch's portable kernels, every instruction's output
+    kept by ETDump (``convert/executorch.py``: ``portable_intermediates``), and the outputs of its .pte.
 
-    return [Tap(node, value, step) for node, value, step in portable_intermediates(program, sample)]
+    The program is rebuilt from the run the manifest names, found as ``find_source`` finds it and holding the
+    checkpoint the manifest's sha256 names, else it is ``program`` (from ``--source``). Its node names are
+    ``program``'s: the same model code exports to the same names.
+    """
+    from difftx_edge.convert.executorch import portable_intermediates
+    from difftx_edge.hashing import sha256_file
+    from difftx_edge.runtimes.executorch import ExecuTorchRunner
+
+    recorded = bundle.manifest.get("source") or {}
+    try:
+        run = find_source(bundle, None)
+    except ValueError:
+        run = None
+    if run is not None and sha256_file(run / "model.safetensors") == recorded.get("sha256"):
+        program = source_program(run, bundle.manifest, sample)
+    taps = [Tap(node, value, step) for node, value, step in portable_intermediates(program, sample)]
+    # Last, so they replace the portable build's values of the output nodes: a .pte that does not hold this
+    # program, or whose XNNPACK kernels drift, shows there.
+    outputs = torch.utils._pytree.tree_leaves(program.graph.output_node().args[0])
+    ran = ExecuTorchRunner(bundle.artifact, threads).run(sample)
+    return taps + [Tap(node.name, np.asarray(value, np.float32)) for node, value in zip(outputs, ran, strict=True)
+                   if isinstance(node, torch.fx.Node) and node.op == "call_function"]
 
 
 def find_source(bundle, source: str | os.PathLike | None) -> Path:
