@@ -204,6 +204,18 @@ def test_executorch_diff_names_the_corrupted_layer(et_runs, capfd, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_pte_moved_from_its_run_is_still_checked_at_its_outputs(et_runs, capfd, tmp_path):
+    # Its run is not beside it, so its program is rebuilt from --source, which is not its own: the
+    # intermediates agree, and the outputs, which come from the .pte itself, do not.
+    moved = shutil.copytree(et_runs / "bad-pte" / "executorch-fp32", tmp_path / "moved" / "executorch-fp32")
+    code, result, err = diff_cli(capfd, str(moved), "--source", str(et_runs / "run"), "--out", str(tmp_path / "d"))
+    assert code == 1, err
+    report = json.loads((tmp_path / "d" / "diff.json").read_text())
+    first = report["first_divergence"]
+    assert first["module"] != CORRUPTED and first["index"] == max(row["index"] for row in report["rows"]), first
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_executorch_diff_of_a_faithful_bundle(et_runs, capfd, tmp_path, precision):
     code, result, err = diff_cli(capfd, str(et_runs / "run-pte" / f"executorch-{precision}"), "--source",
