@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from difftx_edge.convert.registry import register_format
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 # A .pte stores no tensor names, so the bundle keeps the program's I/O (no artifact_io).
@@ -98,3 +102,123 @@ def _all_zero(program, node) -> bool:
               **signature.inputs_to_lifted_tensor_constants}.get(node.name)
     value = program.state_dict.get(target, program.constants.get(target))
     return value is not None and not value.any()
+
+
+# Quantize/dequantize kernels: in a PT2E program a compute node and the q/dq nodes after it share one debug handle.
+_QDQ = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel")
+
+
+def portable_intermediates(program, inputs: list) -> list[tuple[str, np.ndarray, float | None]]:
+    """``(node, value, int8 step)`` of every tensor an undelegated build of ``program`` computes, on ``inputs``.
+
+    The bundle's .pte cannot show its intermediates: the XNNPACK delegate is one opaque call to ETDump, and
+    re-lowering with its outputs tapped changes an int8 program's partitions. So ``program`` is lowered again,
+    with no partitioner, to the portable kernels, run with ETDump and a debug buffer that keeps every
+    instruction's output, and each output is traced back to the node of ``program`` it computes. This checks
+    the lowering (edge decompositions, memory planning, the quantized ops), not XNNPACK's arithmetic.
+
+    Args:
+        program: the source program, as export handed it over (left untouched).
+        inputs: one array per program input.
+
+    Returns:
+        Each node's value as float32 numpy; a quantize node's integers dequantized, with its scale as the step.
+    """
+    import collections
+    import copy
+    import tempfile
+
+    # Registers the out variants of quantized_decomposed's q/dq ops, which an int8 program lowers to.
+    import executorch.kernels.quantized  # noqa: F401
+    import numpy as np
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    # No fuse_int8_embeddings: the unfused lookup computes the same values and keeps the program's node names.
+    program = copy.deepcopy(program)  # lowering rewrites the program's constants in place
+    nodes = {node.name: node for node in program.graph.nodes if node.op == "call_function"}
+    order = {name: index for index, name in enumerate(nodes)}
+    edge = to_edge_transform_and_lower(program, partitioner=[], generate_etrecord=True)
+    # Before to_executorch(), which renumbers the edge program's debug handles in place; the runtime and the
+    # ETRecord keep this numbering.
+    handles = _handle_nodes(edge.exported_program(), id(program.graph), nodes)
+    lowered = edge.to_executorch()
+    values = sum(v.numel() * v.element_size() for node in nodes.values()
+                 if isinstance(v := node.meta.get("val"), torch.Tensor))
+    with tempfile.TemporaryDirectory() as tmp:
+        pte, etdump, buffer, etrecord = (f"{tmp}/{name}" for name in ("debug.pte", "etdump", "buffer", "etrecord"))
+        Path(pte).write_bytes(lowered.buffer)
+        # The buffer is fixed: the run aborts when the intermediates outgrow it. Edge decompositions add tensors
+        # (a Linear's transposed weight), hence the margin.
+        module = _load_for_executorch(pte, enable_etdump=True, debug_buffer_size=4 * values + (16 << 20))
+        module.forward([torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+        module.write_etdump_result_to_file(etdump, buffer)
+        # Passed by path: an ETRecord held in memory resolves no event's debug handle (its map's keys are ints,
+        # the Inspector looks them up as strings).
+        lowered.get_etrecord().save(etrecord)
+        inspector = Inspector(etdump_path=etdump, debug_buffer_path=buffer, etrecord=etrecord)
+        events = collections.defaultdict(list)  # handle -> its events, in instruction order
+        for event in (e for block in inspector.event_blocks for e in block.events):
+            # Every instruction logs twice, as native_call_<kernel> and as OPERATOR_CALL.
+            if not event.debug_data or event.name == "OPERATOR_CALL" or not isinstance(event.debug_handles, int):
+                continue
+            events[event.debug_handles].append(event)
+    found = []
+    for handle, targets in handles.items():
+        ran = sorted(events.get(handle, []), key=lambda e: e._instruction_id)
+        position = 0
+        for name in sorted(targets, key=order.get):
+            node = nodes[name]
+            kernel = _op(node)
+            # A q/dq node takes the next event running its kernel; a compute node the last event before the
+            # first q/dq one (a decomposed Linear runs a transpose of its weight first, then addmm).
+            if kernel in _QDQ:
+                index = next((i for i in range(position, len(ran)) if _kernel(ran[i]) == kernel), None)
+            else:
+                index = next((i for i in range(position, len(ran)) if _kernel(ran[i]) in _QDQ), len(ran)) - 1
+                index = index if index >= position else None
+            if index is None:
+                continue
+            position = index + 1
+            value, step = ran[index].debug_data[-1], None
+            if not isinstance(value, torch.Tensor):
+                continue
+            if kernel in ("quantize_per_tensor", "quantize_per_channel"):
+                scale, zero = node.args[1:3]
+                if kernel != "quantize_per_tensor" or not isinstance(scale, float):
+                    continue  # a per-channel quantize is of a weight, which lowering folds
+                value, step = (value.to(torch.float32) - zero) * scale, scale
+            found.append((name, value.detach().to(torch.float32).numpy().copy(), step))
+    return found
+
+
+def _handle_nodes(edge_program, graph_id: int, nodes: dict) -> dict[int, list[str]]:
+    """Each debug handle of the edge program -> the nodes of the program whose graph is ``graph_id`` that it
+    computes, by following each edge node's ``from_node`` provenance back through the decompositions."""
+    import collections
+
+    handles = collections.defaultdict(list)
+    for node in edge_program.graph.nodes:
+        if node.op != "call_function" or node.meta.get("debug_handle") is None:
+            continue
+        source = (node.meta.get("from_node") or [None])[-1]
+        while source is not None:
+            names = handles[node.meta["debug_handle"]]
+            if source.graph_id == graph_id and source.name in nodes and source.name not in names:
+                names.append(source.name)
+            source = source.from_node[-1] if source.from_node else None
+    return handles
+
+
+def _op(node) -> str:
+    """``quantize_per_tensor`` for ``quantized_decomposed.quantize_per_tensor.default``."""
+    target = node.target
+    overload = getattr(target, "_overloadpacket", None)
+    return getattr(overload, "__name__", getattr(target, "__name__", str(target)).split(".")[0])
+
+
+def _kernel(event) -> str:
+    """The kernel an ETDump event ran: ``addmm`` for ``native_call_addmm.out``."""
+    return event.name.removeprefix("native_call_").split(".")[0]

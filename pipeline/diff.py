@@ -101,6 +101,7 @@ class DiffReport:
     bundle: str = ""
     source: str = ""
     reference: str = "pytorch"  # what the taps were compared with: the source program, or another run's options
+    checked: str = ""  # which kernels computed the taps (the format's TAP_CHECKED)
 
     @property
     def compared(self) -> int:
@@ -118,7 +119,7 @@ class DiffReport:
     def to_json(self) -> dict:
         first = self.first_divergence
         return {"bundle": self.bundle, "source": self.source, "reference": self.reference,
-                "precision": self.precision, "nodes": self.nodes, "compared": self.compared,
+                "checked": self.checked, "precision": self.precision, "nodes": self.nodes, "compared": self.compared,
                 "covered_by_source": self.covered_by_source, "coverage": round(self.coverage, 4),
                 "first_divergence": asdict(first) if first else None, "unaligned": self.unaligned,
                 "rows": [asdict(row) for row in self.rows]}
@@ -268,20 +269,23 @@ def _moves_compared(node: torch.fx.Node, compared: set[str]) -> bool:
 TAPS: dict[str, Callable] = {}
 # The options each format's tap takes (what `diff --against` can vary).
 TAP_OPTIONS: dict[str, tuple[str, ...]] = {}
+# What each format's tap runs, which the report states: the bundle's own file, or another build of its program.
+TAP_CHECKED: dict[str, str] = {}
 
 
-def register_tap(fmt: str, options: tuple[str, ...] = ()):
-    """Register the function that exposes format ``fmt``'s intermediate tensors, taking ``options``; returns
-    it unchanged."""
+def register_tap(fmt: str, options: tuple[str, ...] = (), checked: str = ""):
+    """Register the function that exposes format ``fmt``'s intermediate tensors, taking ``options``, whose
+    tensors come from the kernels ``checked`` says; returns it unchanged."""
 
     def wrap(function: Callable) -> Callable:
-        TAPS[fmt], TAP_OPTIONS[fmt] = function, options
+        TAPS[fmt], TAP_OPTIONS[fmt], TAP_CHECKED[fmt] = function, options, checked
         return function
 
     return wrap
 
 
-@register_tap("onnx", options=("optimization",))
+@register_tap("onnx", options=("optimization",),
+              checked="ONNX Runtime's kernels, the bundle's .onnx with its tagged values made graph outputs")
 def onnx_taps(bundle, program, sample: list[np.ndarray], threads: int, options: dict) -> list[Tap]:
     """ONNX Runtime, with every value the exporter tagged with its source node made a graph output."""
     from difftx_edge.runtimes.onnxruntime import OnnxRuntimeRunner
@@ -290,7 +294,8 @@ def onnx_taps(bundle, program, sample: list[np.ndarray], threads: int, options: 
     return [Tap(node, value, step) for node, value, step in runner.intermediates(sample)]
 
 
-@register_tap("litert")
+@register_tap("litert", checked="LiteRT's builtin kernels, the bundle's .tflite run without the XNNPACK "
+                                  "delegate")
 def litert_taps(bundle, program, sample: list[np.ndarray], threads: int, options: dict) -> list[Tap]:
     """LiteRT's builtin kernels (not XNNPACK's: see ``LiteRTRunner.intermediates``), each tensor named after
     the nodes the exporter's converter made it from.
@@ -340,6 +345,40 @@ def _next_quantize(node: torch.fx.Node, step: float) -> str | None:
         if op_name(node) not in DATA_MOVEMENT | {"cat"}:
             return None
     return None
+
+
+# ExecuTorch: a .pte cannot expose its intermediates (ETDump sees the XNNPACK delegate as one opaque call, and
+# tapping the delegate's tensors as extra outputs, devtools.intermediate_output_tap, splits an int8 program into
+# many partitions). So the bundle's program is lowered again without XNNPACK and run on the portable kernels,
+# one build for fp32 and int8 alike; the outputs are the bundle's .pte's own (docs/export.md).
+@register_tap("executorch", checked="portable kernels, an undelegated build of the bundle's program; its outputs "
+                                    "from the bundle's .pte (XNNPACK)")
+def executorch_taps(bundle, program, sample: list[np.ndarray], threads: int, options: dict) -> list[Tap]:
+    """The intermediates of the bundle's program on ExecuTorch's portable kernels, every instruction's output
+    kept by ETDump (``convert/executorch.py``: ``portable_intermediates``), and the outputs of its .pte.
+
+    The program is rebuilt from the run the manifest names, found as ``find_source`` finds it and holding the
+    checkpoint the manifest's sha256 names, else it is ``program`` (from ``--source``). Its node names are
+    ``program``'s: the same model code exports to the same names.
+    """
+    from difftx_edge.convert.executorch import portable_intermediates
+    from difftx_edge.hashing import sha256_file
+    from difftx_edge.runtimes.executorch import ExecuTorchRunner
+
+    recorded = bundle.manifest.get("source") or {}
+    try:
+        run = find_source(bundle, None)
+    except ValueError:
+        run = None
+    if run is not None and sha256_file(run / "model.safetensors") == recorded.get("sha256"):
+        program = source_program(run, bundle.manifest, sample)
+    taps = [Tap(node, value, step) for node, value, step in portable_intermediates(program, sample)]
+    # Last, so they replace the portable build's values of the output nodes: a .pte that does not hold this
+    # program, or whose XNNPACK kernels drift, shows there.
+    outputs = torch.utils._pytree.tree_leaves(program.graph.output_node().args[0])
+    ran = ExecuTorchRunner(bundle.artifact, threads).run(sample)
+    return taps + [Tap(node.name, np.asarray(value, np.float32)) for node, value in zip(outputs, ran, strict=True)
+                   if isinstance(node, torch.fx.Node) and node.op == "call_function"]
 
 
 def find_source(bundle, source: str | os.PathLike | None) -> Path:
@@ -434,7 +473,7 @@ def diff_bundle(bundle_path: str | os.PathLike, *, source: str | os.PathLike | N
         else:
             reference = {tap.node: tap.value for tap in TAPS[fmt](bundle, program, sample, threads, against)}
     report = compare(program, reference, taps, bundle.manifest["precision"], tolerance)
-    report.bundle, report.source = str(bundle.path), str(found)
+    report.bundle, report.source, report.checked = str(bundle.path), str(found), TAP_CHECKED[fmt]
     report.reference = "pytorch" if against is None else ", ".join(f"{k}={v}" for k, v in sorted(against.items()))
     return report
 
@@ -469,7 +508,8 @@ def render_table(report: DiffReport) -> str:
             for row in report.rows]
     against = (f"the source program of {report.source}" if report.reference == "pytorch"
                else f"the same artifact run with {report.reference}")
-    lines = [f"# diff: {report.bundle} against {against}", "", summary_line(report), "",
+    checked = [f"The artifact's tensors come from {report.checked}.", ""] if report.checked else []
+    lines = [f"# diff: {report.bundle} against {against}", "", *checked, summary_line(report), "",
              markdown_table(header, rows)]
     if report.unaligned:
         lines += ["", f"Not compared (the artifact keeps no tensor of them): {', '.join(report.unaligned)}."]

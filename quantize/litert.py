@@ -9,6 +9,7 @@ from difftx_edge.quantize.registry import (
     int8_weight_spec,
     qualified_name,
     register_quantizer,
+    store_leading_ones_flat,
 )
 
 
@@ -27,11 +28,15 @@ def build(qat: bool, dynamic: bool = False):
         # either way; without the annotator its input and output stay float too.
         STATIC_OPS = [op for op in PT2EQuantizer.STATIC_OPS if op != "gru_io_only"]
 
+        def transform_for_annotation(self, model):
+            model = super().transform_for_annotation(model)
+            store_leading_ones_flat(model)
+            return model
+
         def annotate(self, model):
             super().annotate(model)
-            # Kept as DEQUANTIZE ops by the export's strict-QDQ conversion (convert/litert.py). A table of
-            # leading dimension 1 stays float: HF ViT's int8 class token and (1, 65, 128) position table put the
-            # .tflite 54 output steps from its PyTorch program, per channel or per tensor alike (0 steps float).
+            # Kept as DEQUANTIZE ops by the export's strict-QDQ conversion (convert/litert.py). A table still of
+            # leading dimension 1 (one row: a class token) stays float, as store_leading_ones_flat explains.
             annotate_float_tables(model, int8_weight_spec(qat, per_channel=True), leading_one=False)
             # Lookups by constant ids too: folded, their rows would be a float constant beside a float residual
             # add (BERT's int8 .tflite: 0.33x fp32's size, against 0.36x).

@@ -182,9 +182,9 @@ def annotate_float_tables(graph, spec, *, leading_one: bool = True) -> int:
     tables are left to ``annotate_embedding_tables``: dequantized whole on every
     inference, as some runtimes would, a table is a vocabulary's worth of work
     per lookup, so their formats look up int8 rows instead.
-    ``leading_one=False`` leaves float the tables whose first dimension is 1
-    (HF's ``(1, 1, d)`` class tokens and ``(1, N, d)`` position tables), for a
-    backend that computes them wrong. Returns how many tables were annotated.
+    ``leading_one=False`` leaves float the tables whose first dimension is 1,
+    for a backend that computes them wrong (see ``store_leading_ones_flat``).
+    Returns how many tables were annotated.
     """
     import torch
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
@@ -222,6 +222,47 @@ def annotate_float_tables(graph, spec, *, leading_one: bool = True) -> int:
                 annotation.input_qspec_map[node] = spec
         annotated += 1
     return annotated
+
+
+def store_leading_ones_flat(graph) -> int:
+    """Store each table of leading dimension 1 as its rows, a parameter of that shape read through
+    ``unsqueeze``; returns how many. In place, on a graph about to be annotated.
+
+    litert-torch computes an int8 constant of shape ``(1, N, d)`` wrong:
+    HF ViT's ``(1, 257, 128)`` position table, stored int8, put the .tflite
+    54 output steps from its PyTorch program, per channel or per tensor alike,
+    and float it was 0. The same rows stored as ``(N, d)`` and unsqueezed are
+    right (2 steps, ViT at 128 px), and ``annotate_float_tables`` stores them
+    int8, one scale per row, where before they stayed float: the zoo encoder's
+    folded ``(1, 256, 128)`` position slice was 131 KB of its int8 .tflite.
+    Tables that are one row once flattened (a class token) stay as they are.
+    """
+    import operator
+
+    import torch
+
+    flattened = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        table = operator.attrgetter(node.target)(graph)
+        if not isinstance(table, torch.Tensor) or table.dim() < 3 or table.shape[0] != 1:
+            continue
+        rows = table.detach().reshape(table.shape[1:])
+        if rows.shape[0] == 1:
+            continue
+        name = f"_flat_{node.target.replace('.', '_')}"
+        graph.register_parameter(name, torch.nn.Parameter(rows.clone(), requires_grad=table.requires_grad))
+        with graph.graph.inserting_after(node):
+            stored = graph.graph.get_attr(name)
+        with graph.graph.inserting_after(stored):
+            unsqueezed = graph.graph.call_function(torch.ops.aten.unsqueeze.default, (stored, 0))
+        node.replace_all_uses_with(unsqueezed)
+        graph.graph.erase_node(node)
+        flattened += 1
+    if flattened:
+        graph.recompile()
+    return flattened
 
 
 def annotate_embedding_tables(graph, spec, *, constant_ids: bool) -> int:

@@ -4,6 +4,7 @@ What must hold: a layer corrupted on purpose in the checkpoint, in a way that
 survives export, is the first tensor `diff` names, against the uncorrupted
 run; a faithful bundle has no tensor beyond tolerance; alignment covers at
 least 90 % of the source program's nodes; bad input is one line and exit 2.
+For ONNX and ExecuTorch, fp32 and int8.
 """
 
 from __future__ import annotations
@@ -198,3 +199,61 @@ def test_bad_input_is_one_line_and_exit_2(runs, capfd, tmp_path, args, needles):
     assert code == 2 and result is None and len(lines) == 1 and "Traceback" not in err, err
     assert all(needle in lines[0] for needle in needles), lines[0]
     assert not out.exists() and not (tmp_path / "d.diff.log").exists()
+
+
+# -----------------------------------------------------------------------------
+# In ExecuTorch's portable kernels, from the command line
+
+
+@pytest.fixture(scope="module")
+def et_runs(runs):
+    """``runs`` with an ExecuTorch fp32 bundle of the run and of its corrupted copy, and an int8 one of the run
+    (PTQ with the XNNPACK quantizer)."""
+    from difftx_edge.convert import ExportConfig, export_run
+    from difftx_edge.quantize import QuantConfig, quantize
+
+    for source in (runs / "run", runs / "bad"):
+        export_run(ExportConfig(run=str(source), out=str(runs / f"{source.name}-pte"), format="executorch",
+                                parity_batches=1, accuracy=False))
+    quantize(QuantConfig(run=str(runs / "run"), backend="xnnpack", method="ptq", calib_batches=2, threads=1),
+             progress=False)
+    export_run(ExportConfig(run=str(runs / "run"), out=str(runs / "run-pte"), format="executorch",
+                            precision="int8", parity_batches=1, accuracy=False))
+    return runs
+
+
+@pytest.mark.slow
+def test_executorch_diff_names_the_corrupted_layer(et_runs, capfd, tmp_path):
+    code, result, err = diff_cli(capfd, str(et_runs / "bad-pte" / "executorch-fp32"), "--source",
+                                 str(et_runs / "run"), "--out", str(tmp_path / "d"))
+    assert code == 1, err
+    assert result["first_divergence"]["module"] == CORRUPTED and result["first_divergence"]["op"] == "linear"
+    assert result["coverage"] >= 0.9
+    # The bundle's .pte runs its program in one XNNPACK call: the report says whose kernels it checked instead.
+    report = json.loads((tmp_path / "d" / "diff.json").read_text())
+    assert report["checked"].startswith("portable kernels")
+
+
+@pytest.mark.slow
+def test_a_pte_moved_from_its_run_is_still_checked_at_its_outputs(et_runs, capfd, tmp_path):
+    # Its run is not beside it, so its program is rebuilt from --source, which is not its own: the
+    # intermediates agree, and the outputs, which come from the .pte itself, do not.
+    moved = shutil.copytree(et_runs / "bad-pte" / "executorch-fp32", tmp_path / "moved" / "executorch-fp32")
+    code, result, err = diff_cli(capfd, str(moved), "--source", str(et_runs / "run"), "--out", str(tmp_path / "d"))
+    assert code == 1, err
+    report = json.loads((tmp_path / "d" / "diff.json").read_text())
+    first = report["first_divergence"]
+    assert first["module"] != CORRUPTED and first["index"] == max(row["index"] for row in report["rows"]), first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_executorch_diff_of_a_faithful_bundle(et_runs, capfd, tmp_path, precision):
+    code, result, err = diff_cli(capfd, str(et_runs / "run-pte" / f"executorch-{precision}"), "--source",
+                                 str(et_runs / "run"), "--out", str(tmp_path / "d"))
+    assert code == 0 and result["first_divergence"] is None, err
+    assert result["coverage"] >= 0.9
+    report = json.loads((tmp_path / "d" / "diff.json").read_text())
+    assert report["precision"] == precision and not report["unaligned"]
+    if precision == "int8":  # the quantize nodes are compared, in their own steps
+        assert any(row["steps"] is not None for row in report["rows"])

@@ -79,9 +79,11 @@ def test_int8_dynamic_runs_in_executorch(zoo_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_litert_int8_dynamic_of_a_vit_keeps_its_class_token_and_position_table_float(tmp_path):
-    """HF ViT's (1, 1, d) class token and (1, N, d) position table stored as int8 put the .tflite 8.7 output
-    steps from its PyTorch program (54 at hidden 128); left float, it matches."""
+def test_litert_int8_dynamic_of_a_vit_stores_its_position_table_as_int8_rows(tmp_path):
+    """HF ViT's (1, N, d) position table stored int8 as it is put the .tflite 8.7 output steps from its PyTorch
+    program (54 at hidden 128); stored as its (N, d) rows, unsqueezed, it matches, and is int8."""
+    from ai_edge_litert.interpreter import Interpreter
+
     model, example = zoo.build("vit", hidden=32, layers=1, heads=2, image_size=32, patch_size=8)
     program = torch.export.export(model, (example,))
     torch.export.save(program, tmp_path / "vit.pt2")
@@ -90,6 +92,10 @@ def test_litert_int8_dynamic_of_a_vit_keeps_its_class_token_and_position_table_f
     (manifest,) = convert_pt2(tmp_path / "vit.pt2", tmp_path / "out", "litert", "int8-dynamic",
                               calibration=tmp_path / "vit.npz")
     assert manifest["parity"]["passed"] and manifest["parity"]["max_steps"] <= 2 + 1e-3
+    details = Interpreter(model_path=str(tmp_path / "out" / "litert-int8-dynamic" / "model.tflite")
+                          ).get_tensor_details()
+    positions = (32 // 8) ** 2 + 1  # patches and the class token
+    assert any(list(t["shape"]) == [positions, 32] and t["dtype"] == np.int8 for t in details)
 
 
 @pytest.mark.slow
