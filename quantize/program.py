@@ -84,6 +84,7 @@ def quantize_program(program: torch.export.ExportedProgram, quantizer: str,
         raise ValueError("this program is quantized already (it holds PT2E quantize/dequantize ops): "
                          "convert it as it is, at int8")
     folded = _fold_constant_slices(module)
+    trimmed = _trim_constant_lookups(module)
     base = spec.dynamic_quantizer() if dynamic else spec.quantizer(qat=False)
     kept_float: list[str] = []
     prepared = pt2e.prepare(module, _ValueAwareQuantizer(base, samples, kept_float), qat=False)
@@ -104,6 +105,7 @@ def quantize_program(program: torch.export.ExportedProgram, quantizer: str,
         "quantizer": quantizer, "runtime": spec.runtime, "scheme": "dynamic" if dynamic else "static",
         "weights": "per-channel int8", "activations": _activations(converted, dynamic),
         "calibration_samples": len(samples), "kept_float": kept_float, "folded_slices": folded,
+        "trimmed_tables": trimmed,
         "int8_weights": pt2e.int8_weight_count(converted), "ops": _op_table(converted, dynamic),
         "output_step": step, "output_step_from": step_from,
     }
@@ -140,6 +142,43 @@ def _fold_constant_slices(module: torch.fx.GraphModule) -> int:
         module.graph.eliminate_dead_code()
         module.recompile()
     return folded
+
+
+def _trim_constant_lookups(module: torch.fx.GraphModule) -> int:
+    """Give each embedding looked up by constant ids a table of only the rows it reads; returns how many.
+
+    BERT looks its positions up by ``arange(N)`` in a table of 512 rows: at
+    N=256 half of it is never read, yet a quantizer that stores the table
+    int8 stores all of it (32 KB of BERT's int8 .tflite at hidden 128). Run
+    after ``_fold_constant_slices``, which makes such ids a stored constant.
+    The ids are renumbered into the smaller table, so every lookup gathers
+    the same rows as before.
+    """
+    aten = torch.ops.aten
+    trimmed = 0
+    for node in list(module.graph.nodes):
+        if node.op != "call_function" or node.target != aten.embedding.default:
+            continue
+        table, ids = node.args[0], node.args[1]
+        if not (isinstance(table, torch.fx.Node) and table.op == "get_attr"
+                and isinstance(ids, torch.fx.Node) and ids.op == "get_attr"):
+            continue
+        stored, index = operator.attrgetter(table.target)(module), operator.attrgetter(ids.target)(module)
+        rows = torch.unique(index)
+        if len(rows) == stored.shape[0]:
+            continue
+        names = (f"_trimmed_table_{trimmed}", f"_trimmed_ids_{trimmed}")
+        module.register_parameter(names[0], torch.nn.Parameter(stored.detach()[rows].clone(),
+                                                               requires_grad=stored.requires_grad))
+        module.register_buffer(names[1], torch.searchsorted(rows, index))
+        with module.graph.inserting_before(node):
+            new_table, new_ids = (module.graph.get_attr(name) for name in names)
+        node.args = (new_table, new_ids, *node.args[2:])
+        trimmed += 1
+    if trimmed:
+        module.graph.eliminate_dead_code()
+        module.recompile()
+    return trimmed
 
 
 def _check_calibration(program: torch.export.ExportedProgram, calibration) -> list[tuple[torch.Tensor, ...]]:

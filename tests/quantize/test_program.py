@@ -222,3 +222,28 @@ def test_int8_dynamic_where_the_toolchain_lacks_it_is_one_line(quantizer):
     program = torch.export.export(nn.Linear(4, 3).eval(), samples[0])
     message = one_line_error(lambda: quantize_program(program, quantizer, samples, dynamic=True))
     assert "does not support int8-dynamic" in message and "use int8" in message
+
+
+class _PositionsByIds(nn.Module):
+    """BERT's pattern: positions looked up by a stored arange, N of a table's 20 rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = nn.Embedding(20, 8)
+        self.register_buffer("position_ids", torch.arange(20).unsqueeze(0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.positions(self.position_ids[:, :x.shape[1]])
+
+
+def test_a_lookup_by_constant_ids_keeps_only_the_rows_it_reads():
+    from difftx_edge.quantize.program import _fold_constant_slices, _trim_constant_lookups
+
+    model, x = _PositionsByIds().eval(), torch.randn(1, 6, 8)
+    module = torch.export.export(model, (x,)).module()
+    _fold_constant_slices(module)
+    assert _trim_constant_lookups(module) == 1
+    (lookup,) = [n for n in module.graph.nodes if n.target == torch.ops.aten.embedding.default]
+    table = dict(module.named_parameters())[lookup.args[0].target]
+    assert table.shape == (6, 8)
+    torch.testing.assert_close(module(x), model(x), rtol=0, atol=0)
