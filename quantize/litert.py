@@ -8,6 +8,7 @@ from difftx_edge.quantize.registry import (
     int8_weight_spec,
     qualified_name,
     register_quantizer,
+    share_through_moves,
 )
 
 
@@ -28,6 +29,7 @@ def build(qat: bool, dynamic: bool = False):
 
         def annotate(self, model):
             super().annotate(model)
+            share_through_moves(model)
             # Kept as DEQUANTIZE ops by the export's strict-QDQ conversion (convert/litert.py). A table of
             # leading dimension 1 stays float: HF ViT's int8 class token and (1, 65, 128) position table put the
             # .tflite 54 output steps from its PyTorch program, per channel or per tensor alike (0 steps float).
