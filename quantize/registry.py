@@ -177,8 +177,8 @@ def share_through_moves(graph) -> int:
 
     shared = 0
     for node in graph.graph.nodes:
-        if node.op != "call_function" or not (node.target in moves or zero_pad(node)):
-            continue
+        if node.op != "call_function" or not (node.target in moves or zero_pad(node)) or in_float_module(node):
+            continue  # a view inside attention or LayerNorm stays float with its module
         source = node.args[0]
         annotation = source.meta.get(Q_ANNOTATION_KEY) if isinstance(source, torch.fx.Node) else None
         if annotation is None or annotation.output_qspec is None:
