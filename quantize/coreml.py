@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from difftx_edge.quantize.registry import float_module_types, qualified_name, register_quantizer
+from difftx_edge.quantize.registry import float_module_types, qualified_name, register_quantizer, share_through_moves
 
 # Annotators for ops a Transformer graph lacks, keyed by the token in their name and the op they need.
 _NEEDS_OP = {"conv": "conv", "bn": "batch_norm", "pool": "pool"}
@@ -68,6 +68,11 @@ def build(qat: bool):
             for name, annotator in _AnnotationPatternRegistry.get_annotators().items():
                 if _needed(name, model.graph):
                     annotator(model, annotation_config, filter_fn)
+
+        def annotate(self, model):
+            super().annotate(model)
+            share_through_moves(model)
+            return model
 
     # Symmetric int8 weights per channel, 8-bit activations; with qat=False prepare_pt2e
     # only calibrates the same fake-quant modules.

@@ -9,6 +9,7 @@ from difftx_edge.quantize.registry import (
     int8_weight_spec,
     qualified_name,
     register_quantizer,
+    share_through_moves,
     store_leading_ones_flat,
 )
 
@@ -35,6 +36,7 @@ def build(qat: bool, dynamic: bool = False):
 
         def annotate(self, model):
             super().annotate(model)
+            share_through_moves(model)
             # Kept as DEQUANTIZE ops by the export's strict-QDQ conversion (convert/litert.py). A table still of
             # leading dimension 1 (one row: a class token) stays float, as store_leading_ones_flat explains.
             annotate_float_tables(model, int8_weight_spec(qat, per_channel=True), leading_one=False)

@@ -143,6 +143,57 @@ def unannotate(graph, drop: Callable) -> list:
     return [n for n in annotated if n in gone]
 
 
+def share_through_moves(graph) -> int:
+    """Quantize the output of each op that only moves values (zero padding, flatten, views, eval-mode dropout)
+    with its input's scale and zero point, and have its readers use them too; returns how many ops.
+
+    Left to the backend's annotators, such an op sits between its input's
+    dequantize and its reader's own quantize, a requantization to other
+    qparams, and the converters fold it into an integer op that assumes none:
+    coremltools' ``int_op_canonicalization`` turned MobileNetV2's
+    ``dequantize -> flatten -> quantize`` into one int8 reshape that kept the
+    first scale and read it with the second (the logits 250 output steps off),
+    each zero pad between a ReLU6 and a convolution requantized onto a grid
+    half as fine, flipping ties wherever the runtime rounds differently, and
+    litert-torch refused such a pad outright ("Attempting to convert non-NHWC
+    compatible node to NHWC: dequantize_per_tensor"). Shared, there is nothing
+    to requantize: zero lies on every affine int8 grid, so a zero pad is exact.
+    Only constant pads of zero are shared. Not for XNNPACK (ExecuTorch): its
+    own quantizer shares the views already, and with shared pads the .pte of a
+    32 px MobileNetV2 went from 0 to 9 output steps off its PyTorch program.
+    """
+    import torch
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    aten = torch.ops.aten
+    moves = {aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.squeeze.dim,
+             aten.unsqueeze.default, aten.dropout.default, aten.dropout_.default}
+
+    def zero_pad(node) -> bool:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        return node.target == aten.pad.default and mode == "constant" and not value
+
+    shared = 0
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or not (node.target in moves or zero_pad(node)) or in_float_module(node):
+            continue  # a view inside attention or LayerNorm stays float with its module
+        source = node.args[0]
+        annotation = source.meta.get(Q_ANNOTATION_KEY) if isinstance(source, torch.fx.Node) else None
+        if annotation is None or annotation.output_qspec is None:
+            continue  # a float input stays float through the move
+        spec = SharedQuantizationSpec(source)
+        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={source: spec}, output_qspec=spec,
+                                                             _annotated=True)
+        for reader in node.users:
+            reads = reader.meta.get(Q_ANNOTATION_KEY)
+            if reads is not None and node in reads.input_qspec_map:
+                reads.input_qspec_map[node] = SharedQuantizationSpec(node)
+        shared += 1
+    return shared
+
+
 def int8_weight_spec(qat: bool, per_channel: bool, quant_max: int = 127):
     """Symmetric int8 for a weight or a float table: per row when ``per_channel``, fake-quantized under QAT.
 

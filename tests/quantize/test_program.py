@@ -247,3 +247,77 @@ def test_a_lookup_by_constant_ids_keeps_only_the_rows_it_reads():
     table = dict(module.named_parameters())[lookup.args[0].target]
     assert table.shape == (6, 8)
     torch.testing.assert_close(module(x), model(x), rtol=0, atol=0)
+
+
+class TinyMobileNet(nn.Module):
+    """MobileNetV2's patterns in small: explicit zero pads (HF's TF-style "same"), ReLU6 (as hardtanh), a
+    depthwise-separable block with a residual, then average pool, flatten, dropout and a Linear."""
+
+    def __init__(self, c: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, stride=2)
+        self.expand = nn.Conv2d(c, 2 * c, 1)
+        self.depthwise = nn.Conv2d(2 * c, 2 * c, 3, groups=2 * c)
+        self.project = nn.Conv2d(2 * c, c, 1)
+        self.last = nn.Conv2d(c, 2 * c, 1)
+        self.pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(0.2)
+        self.head = nn.Linear(2 * c, classes)
+        for conv in (self.stem, self.expand, self.depthwise, self.project, self.last):
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")  # logits of order 1, as trained weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16)
+        relu6 = nn.functional.hardtanh
+        x = relu6(self.stem(nn.functional.pad(x, (0, 1, 0, 1))), 0.0, 6.0)  # (B, c, 8, 8)
+        y = relu6(self.expand(x), 0.0, 6.0)
+        y = relu6(self.depthwise(nn.functional.pad(y, (1, 1, 1, 1))), 0.0, 6.0)
+        x = relu6(self.last(x + self.project(y)), 0.0, 6.0)
+        return self.head(self.dropout(torch.flatten(self.pool(x), 1)))  # (B, classes)
+
+
+def tiny_mobilenet_files(folder, samples: int = 20):
+    """The TinyMobileNet .pt2 and a --calibration .npz of ``samples`` standard-normal images."""
+    torch.manual_seed(0)
+    model = TinyMobileNet().eval()
+    images = torch.randn(samples, 1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.export.save(torch.export.export(model, (images[0],)), folder / "tiny.pt2")
+    np.savez(folder / "tiny.npz", x=images.numpy())
+    return folder / "tiny.pt2", folder / "tiny.npz"
+
+
+@pytest.mark.slow  # 20-60 s on a loaded 2-core machine: the Core ML quantizer's pattern matching
+@pytest.mark.parametrize("quantizer", ["litert", "coreml"])
+def test_zero_pads_and_flatten_keep_their_input_qparams(tmp_path, quantizer):
+    """A zero pad, flatten or dropout between int8 ops is no requantization: the quantize after it has the
+    scale and zero point of the dequantize before it. Requantized, coremltools folded dequantize -> flatten ->
+    quantize into one int8 reshape that read the first scale with the second, and litert-torch refused the pads
+    (non-NHWC dequantize)."""
+    pt2, calibration = tiny_mobilenet_files(tmp_path)
+    samples = [(torch.from_numpy(x),) for x in np.load(calibration)["x"][:16]]
+    module = quantize_program(torch.export.load(pt2), quantizer, samples).module
+    aten, qd = torch.ops.aten, torch.ops.quantized_decomposed
+    moves = {aten.pad.default, aten.flatten.using_ints, aten.dropout.default}
+    checked = 0
+    for node in module.graph.nodes:
+        if node.target not in moves:
+            continue
+        source = node.args[0]
+        while source.target in moves:
+            source = source.args[0]
+        (after,) = node.users
+        if after.target in moves or source.op == "placeholder":
+            continue  # a chain is checked at its last move; the float input is quantized after its pad
+        assert source.target == qd.dequantize_per_tensor.default and after.target == qd.quantize_per_tensor.default
+        assert source.args[1:3] == after.args[1:3], f"{node.name} requantizes: {source.args[1:3]} -> {after.args[1:3]}"
+        checked += 1
+    assert checked >= 2  # at least the depthwise conv's pad, and flatten -> dropout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["litert", "coreml"])
+def test_static_int8_of_a_padded_depthwise_block_passes_parity(tmp_path, fmt):
+    """Before its pads and flatten shared qparams: Core ML 150 output steps off (reference evaluation), LiteRT 5."""
+    pt2, calibration = tiny_mobilenet_files(tmp_path)
+    (manifest,) = convert_pt2(pt2, tmp_path / "out", fmt, "int8", calibration=calibration)
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_steps"] <= 2 + 1e-3
+    assert manifest["quantization"]["ops"]["integer"].get("aten.conv2d") == 5
