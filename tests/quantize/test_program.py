@@ -145,7 +145,8 @@ class TwoLookups(nn.Module):
 
 @pytest.mark.parametrize("quantizer, int8_tables", [
     ("xnnpack", [50]),  # the constant lookup is folded, and the int8 add takes its rows as int8
-    pytest.param("litert", [16, 50], marks=pytest.mark.slow),  # importing litert_torch alone takes ~10 s
+    # The constant lookup reads 6 of the 16 positions, and keeps only those. Importing litert_torch takes ~10 s.
+    pytest.param("litert", [6, 50], marks=pytest.mark.slow),
 ])
 def test_embedding_tables_are_stored_int8_one_scale_per_row(quantizer, int8_tables):
     import operator
