@@ -238,7 +238,6 @@ def annotate_float_tables(graph, spec, *, leading_one: bool = True) -> int:
     Returns how many tables were annotated.
     """
     import torch
-    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
     aten = torch.ops.aten
@@ -266,11 +265,7 @@ def annotate_float_tables(graph, spec, *, leading_one: bool = True) -> int:
         if quantized_downstream(node):
             continue  # rounding it twice, weight-only and then as an activation, would only add error
         for user in users:
-            annotation = user.meta.get(Q_ANNOTATION_KEY)
-            if annotation is None:
-                user.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={node: spec}, _annotated=True)
-            else:
-                annotation.input_qspec_map[node] = spec
+            _quantize_input(user, node, spec)
         annotated += 1
     return annotated
 
@@ -331,8 +326,6 @@ def annotate_embedding_tables(graph, spec, *, constant_ids: bool) -> int:
     int8 itself (XNNPACK's int8 add takes them as its int8 input).
     """
     import torch
-    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
-    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
     parameters = dict(graph.named_parameters())
     annotated = 0
@@ -343,13 +336,21 @@ def annotate_embedding_tables(graph, spec, *, constant_ids: bool) -> int:
         stored = parameters.get(table.target) if table.op == "get_attr" else None
         if stored is None or stored.dim() != 2 or not (constant_ids or _reads_an_input(node.args[1])):
             continue
-        annotation = node.meta.get(Q_ANNOTATION_KEY)
-        if annotation is None:
-            node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={table: spec}, _annotated=True)
-        else:
-            annotation.input_qspec_map[table] = spec
+        _quantize_input(node, table, spec)
         annotated += 1
     return annotated
+
+
+def _quantize_input(node, value, spec) -> None:
+    """Annotate ``node``'s input ``value`` with ``spec``, beside whatever the backend annotated on ``node``."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    annotation = node.meta.get(Q_ANNOTATION_KEY)
+    if annotation is None:
+        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={value: spec}, _annotated=True)
+    else:
+        annotation.input_qspec_map[value] = spec
 
 
 def _reads_an_input(node) -> bool:
