@@ -121,13 +121,19 @@ def diff_cli(capfd, *args: str) -> tuple[int, dict | None, str]:
     return code, json.loads(lines[-1]) if lines else None, captured.err
 
 
-@pytest.mark.slow
-def test_onnx_diff_names_the_corrupted_layer(runs, capfd, tmp_path):
-    code, result, err = diff_cli(capfd, str(runs / "bad-bundles" / "onnx-fp32"), "--source", str(runs / "run"),
-                                 "--out", str(tmp_path / "d"))
+def diff_names_the_corrupted_linear(capfd, bundle: Path, run: Path, out: Path) -> tuple[str, dict]:
+    """``diff`` of a bundle of the corrupted run against the untouched ``run``: exit 1, the corrupted Linear
+    first, 90 % of the program covered. Returns stderr and the result line."""
+    code, result, err = diff_cli(capfd, str(bundle), "--source", str(run), "--out", str(out))
     assert code == 1, err
     assert result["first_divergence"]["module"] == CORRUPTED and result["first_divergence"]["op"] == "linear"
     assert result["coverage"] >= 0.9
+    return err, result
+
+
+@pytest.mark.slow
+def test_onnx_diff_names_the_corrupted_layer(runs, capfd, tmp_path):
+    err, _ = diff_names_the_corrupted_linear(capfd, runs / "bad-bundles" / "onnx-fp32", runs / "run", tmp_path / "d")
     assert "first beyond tolerance" in err and len(err.strip().splitlines()) == 1
     report = json.loads((tmp_path / "d" / "diff.json").read_text())
     assert report["first_divergence"]["module"] == CORRUPTED
@@ -149,11 +155,7 @@ def test_onnx_diff_of_a_faithful_bundle(runs, capfd, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_litert_diff_names_the_corrupted_layer_and_passes_a_faithful_bundle(runs, capfd, tmp_path):
-    code, result, err = diff_cli(capfd, str(runs / "bad-bundles" / "litert-fp32"), "--source", str(runs / "run"),
-                                 "--out", str(tmp_path / "bad"))
-    assert code == 1, err
-    assert result["first_divergence"]["module"] == CORRUPTED and result["first_divergence"]["op"] == "linear"
-    assert result["coverage"] >= 0.9
+    diff_names_the_corrupted_linear(capfd, runs / "bad-bundles" / "litert-fp32", runs / "run", tmp_path / "bad")
     code, result, err = diff_cli(capfd, str(runs / "run-bundles" / "litert-fp32"), "--source", str(runs / "run"),
                                  "--out", str(tmp_path / "good"))
     assert code == 0 and result["first_divergence"] is None, err
@@ -224,11 +226,7 @@ def et_runs(runs):
 
 @pytest.mark.slow
 def test_executorch_diff_names_the_corrupted_layer(et_runs, capfd, tmp_path):
-    code, result, err = diff_cli(capfd, str(et_runs / "bad-pte" / "executorch-fp32"), "--source",
-                                 str(et_runs / "run"), "--out", str(tmp_path / "d"))
-    assert code == 1, err
-    assert result["first_divergence"]["module"] == CORRUPTED and result["first_divergence"]["op"] == "linear"
-    assert result["coverage"] >= 0.9
+    diff_names_the_corrupted_linear(capfd, et_runs / "bad-pte" / "executorch-fp32", et_runs / "run", tmp_path / "d")
     # The bundle's .pte runs its program in one XNNPACK call: the report says whose kernels it checked instead.
     report = json.loads((tmp_path / "d" / "diff.json").read_text())
     assert report["checked"].startswith("portable kernels")
